@@ -1,0 +1,1 @@
+"""Streaming worker: applies one recurrent step per user event and publishes top-K recommendations."""
