@@ -1,0 +1,1 @@
+"""Development tools: an embedded Kafka-protocol broker and a replayer of dataset events."""
