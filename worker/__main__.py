@@ -1,0 +1,74 @@
+"""Run the worker: `python -m worker` (settings from STREAMREC_* environment variables)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from worker.config import Settings, SettingsError
+from worker.model import BundleError, load_bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description="Consume user events, apply one recurrent step per event, publish top-K recommendations.",
+        epilog="Every setting is an environment variable; run with --settings to list them.",
+    )
+    parser.add_argument("--settings", action="store_true", help="print every setting with its default and exit")
+    parser.add_argument("--check", action="store_true", help="load the settings and the model bundle, then exit")
+    args = parser.parse_args(argv)
+
+    if args.settings:
+        print(Settings.describe())
+        return 0
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+    try:
+        model = load_bundle(settings.bundle_dir, threads=settings.ort_threads, optimization=settings.ort_optimization)
+    except BundleError as exc:
+        print(f"worker: cannot serve the model bundle: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"worker: settings and model bundle {model.version} are valid")
+        return 0
+
+    return _run(settings, model)
+
+
+def _run(settings: Settings, model) -> int:
+    # Imported here so that --settings and --check work without starting faust's machinery.
+    import faust
+
+    from worker.app import create_app
+    from worker.topics import ensure_topics
+
+    if settings.create_topics:
+        ensure_topics(
+            settings.bootstrap_servers,
+            {
+                settings.events_topic: settings.partitions,
+                settings.changelog_topic: settings.partitions,
+                settings.recommendations_topic: settings.partitions,
+                settings.dead_letter_topic: settings.partitions,
+            },
+        )
+
+    components = create_app(settings, model)
+    worker = faust.Worker(components.app, loglevel=settings.log_level, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Batch processing of input messages into state updates, recommendations and dead letters.
+
+This module holds the worker's logic without faust: the faust agent hands it a batch of
+messages from one partition and a state store, and sends what it returns. Within a batch the
+steps of many users run as one ONNX Runtime call per wave: wave i holds the i-th pending
+event of every user, so each user's events are still applied in offset order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from worker.config import EMIT_COALESCE, ON_MODEL_CHANGE_REBUILD, Settings
+from worker.dead_letters import build_dead_letter
+from worker.events import Event, InvalidEvent, decode_event
+from worker.metrics import WorkerMetrics
+from worker.model import StepModel
+from worker.state import RecentEvent, StateCodecError, UserState, decode_state, encode_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputMessage:
+    """One record of the input topic, as read from Kafka."""
+
+    key: bytes | None
+    value: bytes
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int  # the Kafka message timestamp (producer create time)
+
+
+@dataclass(frozen=True)
+class OutputMessage:
+    key: bytes | None
+    value: bytes
+    source_timestamp_ms: int | None = None  # Kafka timestamp of the event behind a recommendation
+
+
+class StateStore(Protocol):
+    """The per-user state table. `message` tells the store which partition the key lives in."""
+
+    def get(self, user_id: str, message: InputMessage) -> bytes | None: ...
+
+    def put(self, user_id: str, value: bytes, message: InputMessage) -> None: ...
+
+
+@dataclass
+class BatchResult:
+    recommendations: list[OutputMessage] = field(default_factory=list)
+    dead_letters: list[OutputMessage] = field(default_factory=list)
+    applied: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class _PendingEvent:
+    message: InputMessage
+    event: Event
+
+
+@dataclass
+class _UserBatch:
+    state: UserState
+    events: list[_PendingEvent]
+    last_message: InputMessage
+    latest_recommendation: OutputMessage | None = None
+    changed: bool = False  # only changed states are written, so a fully replayed batch writes nothing
+
+
+class Processor:
+    """Apply batches of input messages to user states through a StepModel."""
+
+    def __init__(self, settings: Settings, model: StepModel, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model = model
+        self._event_types = frozenset(model.event_types)
+
+    def set_model(self, model: StepModel) -> None:
+        """Serve `model` from the next batch on; states of the old version are rebuilt or reset lazily."""
+        self.model = model
+        self._event_types = frozenset(model.event_types)
+
+    def process(self, messages: Sequence[InputMessage], store: StateStore) -> BatchResult:
+        result = BatchResult()
+        self.metrics.batch_size.observe(len(messages))
+        self.metrics.events_consumed.inc(len(messages))
+
+        users = self._decode(messages, result)
+        for user_id, batch in users.items():
+            batch.state = self._load_state(user_id, batch.last_message, store)
+        self._refresh_stale_states(users)
+
+        self._apply_waves(users, result)
+
+        for user_id, batch in users.items():
+            if batch.changed:
+                store.put(user_id, encode_state(batch.state), batch.last_message)
+            if batch.latest_recommendation is not None:
+                result.recommendations.append(batch.latest_recommendation)
+        self._observe_recommendations(result.recommendations)
+        return result
+
+    def _observe_recommendations(self, recommendations: list[OutputMessage]) -> None:
+        self.metrics.recommendations_published.inc(len(recommendations))
+        now_ms = time.time() * 1000
+        for recommendation in recommendations:
+            latency_s = (now_ms - recommendation.source_timestamp_ms) / 1000
+            self.metrics.event_to_recommendation_seconds.observe(max(0.0, latency_s))
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def _decode(self, messages: Sequence[InputMessage], result: BatchResult) -> dict[str, _UserBatch]:
+        users: dict[str, _UserBatch] = {}
+        for message in messages:
+            try:
+                event = decode_event(
+                    message.key, message.value, event_types=self._event_types, max_bytes=self.settings.max_event_bytes
+                )
+            except InvalidEvent as exc:
+                result.dead_letters.append(self._dead_letter(message, exc))
+                continue
+
+            pending = _PendingEvent(message, event)
+            batch = users.get(event.user_id)
+            if batch is None:
+                users[event.user_id] = _UserBatch(state=None, events=[pending], last_message=message)  # type: ignore[arg-type]
+            else:
+                batch.events.append(pending)
+                batch.last_message = message
+        return users
+
+    def _dead_letter(self, message: InputMessage, exc: InvalidEvent) -> OutputMessage:
+        self.metrics.events_rejected.labels(exc.reason).inc()
+        log.warning(
+            "event rejected: reason=%s %s[%d] offset=%d detail=%s",
+            exc.reason, message.topic, message.partition, message.offset, exc.detail,
+        )
+        value = build_dead_letter(
+            key=message.key,
+            value=message.value,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            timestamp_ms=message.timestamp_ms,
+            reason=exc.reason,
+            detail=exc.detail,
+        )
+        return OutputMessage(key=message.key, value=value)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _load_state(self, user_id: str, message: InputMessage, store: StateStore) -> UserState:
+        raw = store.get(user_id, message)
+        if raw is not None:
+            try:
+                return decode_state(raw)
+            except StateCodecError as exc:
+                self.metrics.states_corrupt.inc()
+                log.error(
+                    "stored state is corrupt, starting the user afresh: user=%s %s[%d] error=%s",
+                    user_id, message.topic, message.partition, exc,
+                )
+        return self._new_state()
+
+    def _new_state(self) -> UserState:
+        hidden, cell = self.model.initial_state()
+        return UserState(model_version=self.model.version, hidden=hidden, cell=cell)
+
+    def _refresh_stale_states(self, users: dict[str, _UserBatch]) -> None:
+        """Bring states of another model version to the current one: rebuild from recent items or reset."""
+        stale = {user_id: batch for user_id, batch in users.items() if batch.state.model_version != self.model.version}
+        if not stale:
+            return
+
+        rebuild = self.settings.on_model_change == ON_MODEL_CHANGE_REBUILD
+        replays: dict[str, list[RecentEvent]] = {}
+        for user_id, batch in stale.items():
+            old = batch.state
+            fresh = self._new_state()
+            # Idempotency bookkeeping survives the model change; only the recurrent state is redone.
+            fresh.last_partition, fresh.last_offset = old.last_partition, old.last_offset
+            fresh.last_timestamp_ms, fresh.last_event_id = old.last_timestamp_ms, old.last_event_id
+            fresh.recent = list(old.recent)
+            batch.state = fresh
+            batch.changed = True
+            if rebuild and old.recent:
+                replays[user_id] = old.recent
+            self.metrics.states_rebuilt.labels("rebuild" if rebuild else "reset").inc()
+
+        wave_index = 0
+        while True:
+            wave = [(user_id, events[wave_index]) for user_id, events in replays.items() if wave_index < len(events)]
+            if not wave:
+                break
+            states = [users[user_id].state for user_id, _ in wave]
+            entries = [entry for _, entry in wave]
+            self._step(states, [e.item_id for e in entries], [e.event_type for e in entries], exclude=None)
+            for state in states:
+                state.events_absorbed += 1
+            wave_index += 1
+
+    # -- stepping ---------------------------------------------------------------------------
+
+    def _apply_waves(self, users: dict[str, _UserBatch], result: BatchResult) -> None:
+        cursors = {user_id: 0 for user_id in users}
+        while cursors:
+            wave: list[tuple[str, _PendingEvent]] = []
+            for user_id in list(cursors):
+                pending = self._next_unapplied(user_id, users[user_id], cursors, result)
+                if pending is not None:
+                    wave.append((user_id, pending))
+            if wave:
+                self._apply_wave(users, wave, result)
+
+    def _next_unapplied(
+        self, user_id: str, batch: _UserBatch, cursors: dict[str, int], result: BatchResult
+    ) -> _PendingEvent | None:
+        """Advance the user's cursor past events the state already holds; return the next one to apply."""
+        while cursors[user_id] < len(batch.events):
+            pending = batch.events[cursors[user_id]]
+            cursors[user_id] += 1
+            message = pending.message
+            if batch.state.has_applied(message.partition, message.offset, pending.event.event_id):
+                result.skipped += 1
+                reason = "offset" if message.partition == batch.state.last_partition and message.offset <= batch.state.last_offset else "event_id"
+                self.metrics.events_skipped.labels(reason).inc()
+                log.debug(
+                    "event already applied, skipped: user=%s event_id=%s %s[%d] offset=%d",
+                    user_id, pending.event.event_id, message.topic, message.partition, message.offset,
+                )
+                continue
+            return pending
+        del cursors[user_id]
+        return None
+
+    def _apply_wave(self, users: dict[str, _UserBatch], wave: list[tuple[str, _PendingEvent]], result: BatchResult) -> None:
+        states = [users[user_id].state for user_id, _ in wave]
+        for state, (_, pending) in zip(states, wave):
+            state.remember(
+                RecentEvent(pending.event.item_id, pending.event.event_type, pending.event.event_id),
+                self.settings.recent_items,
+            )
+        output = self._step(
+            states,
+            [pending.event.item_id for _, pending in wave],
+            [pending.event.event_type for _, pending in wave],
+            exclude=[state.recent for state in states],
+        )
+
+        produced_at_ms = int(time.time() * 1000)
+        coalesce = self.settings.emit == EMIT_COALESCE
+        for row, (user_id, pending) in enumerate(wave):
+            state = states[row]
+            message, event = pending.message, pending.event
+            users[user_id].changed = True
+            state.events_absorbed += 1
+            state.last_partition, state.last_offset = message.partition, message.offset
+            state.last_timestamp_ms, state.last_event_id = event.timestamp_ms, event.event_id
+            result.applied += 1
+
+            recommendation = self._recommendation(user_id, state, pending, output.scores[row], output.items[row], produced_at_ms)
+            if coalesce:
+                users[user_id].latest_recommendation = recommendation
+            else:
+                result.recommendations.append(recommendation)
+        self.metrics.events_applied.inc(len(wave))
+
+    def _step(
+        self,
+        states: list[UserState],
+        item_ids: list[str],
+        event_types: list[str],
+        exclude: list[list[RecentEvent]] | None,
+    ):
+        """Run one ONNX step for a batch of states and write the new hidden (and cell) states back."""
+        model = self.model
+        items = np.fromiter((model.item_index.get(item_id, 0) for item_id in item_ids), dtype=np.int64, count=len(item_ids))
+        unknown = int(np.count_nonzero(items == 0))
+        if unknown:
+            self.metrics.unknown_items.inc(unknown)
+        types = np.fromiter((model.event_type_index[name] for name in event_types), dtype=np.int64, count=len(event_types))
+
+        hidden = np.stack([state.hidden for state in states], axis=1)  # (num_layers, batch, hidden_size)
+        cell = np.stack([state.cell for state in states], axis=1) if model.has_cell_state else None
+        exclude_matrix = self._exclude_matrix(exclude, len(states))  # (batch, n_exclude)
+
+        started = time.perf_counter()
+        output = model.step(items, types, hidden, exclude_matrix, cell)
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+
+        for row, state in enumerate(states):
+            state.hidden = np.ascontiguousarray(output.hidden[:, row, :])
+            if output.cell is not None:
+                state.cell = np.ascontiguousarray(output.cell[:, row, :])
+        return output
+
+    def _exclude_matrix(self, exclude: list[list[RecentEvent]] | None, batch_size: int) -> np.ndarray:
+        width = max((len(entries) for entries in exclude), default=0) if exclude else 0
+        matrix = np.zeros((batch_size, max(width, 1)), dtype=np.int64)  # 0 pads: the unknown item is never ranked anyway
+        if exclude:
+            lookup = self.model.item_index
+            for row, entries in enumerate(exclude):
+                matrix[row, : len(entries)] = [lookup.get(entry.item_id, 0) for entry in entries]
+        return matrix
+
+    def _recommendation(
+        self,
+        user_id: str,
+        state: UserState,
+        pending: _PendingEvent,
+        scores: np.ndarray,
+        item_indices: np.ndarray,
+        produced_at_ms: int,
+    ) -> OutputMessage:
+        message, event = pending.message, pending.event
+        item_ids = self.model.item_ids
+        body = {
+            "user_id": user_id,
+            "items": [
+                {"item_id": item_ids[int(index)], "score": round(float(score), 6)}
+                for index, score in zip(item_indices, scores)
+                if np.isfinite(score)
+            ],
+            "model_version": self.model.version,
+            "event_id": event.event_id,
+            "event_timestamp_ms": event.timestamp_ms,
+            "event_kafka_timestamp_ms": message.timestamp_ms,
+            "events_absorbed": state.events_absorbed,
+            "produced_at_ms": produced_at_ms,
+            "source": {"topic": message.topic, "partition": message.partition, "offset": message.offset},
+        }
+        value = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        return OutputMessage(key=user_id.encode("utf-8"), value=value, source_timestamp_ms=message.timestamp_ms)
