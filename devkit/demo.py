@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="folder containing ml-100k/ (default: $STREAMREC_DATA_DIR, then ../shared/data)")
     parser.add_argument("--bundle", type=Path, default=REPO / "artifacts" / "bundle", help="model bundle to serve or create")
     parser.add_argument("--retrain", action="store_true", help="train a new model even if the bundle exists")
-    parser.add_argument("--rate", type=float, default=1500.0, help="replay rate in events per second; 0 for full speed")
+    parser.add_argument("--rate", type=float, default=800.0, help="replay rate in events per second, below the worker's capacity so latency is not queueing; 0 for full speed")
     parser.add_argument("--users", type=int, default=None, help="replay only the first N users (default: all)")
     parser.add_argument("--show", type=int, default=3, help="how many users' recommendations to print")
     args = parser.parse_args(argv)

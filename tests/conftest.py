@@ -30,12 +30,11 @@ def broker(tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="session")
-def movielens_bundle(dataset_dir, tmp_path_factory) -> Path:
-    """A bundle over the MovieLens item vocabulary with seeded random weights.
+def write_random_bundle(dataset_dir: Path, out_dir: Path, seed: int) -> Path:
+    """Write a bundle over the MovieLens item vocabulary with seeded random weights.
 
-    Training is tested in tests/export; the serving tests need the real vocabulary and a
-    model whose scores differ per user, not a good model, so this skips the minutes of training.
+    Training is tested in tests/export. The serving tests need the real vocabulary and a
+    model whose scores differ per user, not a good model, so they skip the minutes of training.
     """
     import torch
 
@@ -44,10 +43,21 @@ def movielens_bundle(dataset_dir, tmp_path_factory) -> Path:
     from export.model import GRU4Rec, ModelConfig
     from export.sequences import ItemVocabulary
 
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     vocabulary = ItemVocabulary.from_interactions(load_movielens(dataset_dir))
     model = GRU4Rec(ModelConfig(num_items=len(vocabulary), embedding_size=32, hidden_size=64))
-    out_dir = tmp_path_factory.mktemp("bundles") / "random-gru"
     metrics = {"model": {"test": {}}, "baselines": {}}
-    write_bundle(out_dir, model, vocabulary, {}, metrics, train_config={"seed": 7}, training_data={"dataset": "ml-100k"})
+    write_bundle(out_dir, model, vocabulary, {}, metrics, train_config={"seed": seed}, training_data={"dataset": "ml-100k"})
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def movielens_bundle(dataset_dir, tmp_path_factory) -> Path:
+    """A random-weight GRU bundle over the MovieLens vocabulary (see write_random_bundle)."""
+    return write_random_bundle(dataset_dir, tmp_path_factory.mktemp("bundles") / "random-gru", seed=7)
+
+
+@pytest.fixture(scope="session")
+def second_movielens_bundle(dataset_dir, tmp_path_factory) -> Path:
+    """Another model version over the same vocabulary, for model-change tests."""
+    return write_random_bundle(dataset_dir, tmp_path_factory.mktemp("bundles") / "random-gru-2", seed=8)

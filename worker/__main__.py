@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import logging.config
 import sys
 
 from worker.config import Settings, SettingsError
+from worker.logs import logging_config
 from worker.model import BundleError, load_bundle
 
 
@@ -29,10 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
 
     try:
         model = load_bundle(settings.bundle_dir, threads=settings.ort_threads, optimization=settings.ort_optimization)
@@ -65,7 +63,15 @@ def _run(settings: Settings, model) -> int:
         )
 
     components = create_app(settings, model)
-    worker = faust.Worker(components.app, loglevel=settings.log_level, redirect_stdouts=False)
+    worker = faust.Worker(
+        components.app,
+        loglevel=settings.log_level,
+        logging_config=logging_config(settings.log_level, settings.log_format),
+        redirect_stdouts=False,
+    )
+    # faust's terminal spinner sets the root logger to DEBUG, which makes every library
+    # build a log record per message it sends (about 9% of CPU time at warning level).
+    worker.spinner = None
     worker.execute_from_commandline()
     return 0
 

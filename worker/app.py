@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import weakref
 from collections import defaultdict
@@ -16,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.config import Settings
 from worker.metrics import WorkerMetrics
-from worker.model import StepModel
+from worker.model import BundleError, StepModel, load_bundle
 from worker.processor import InputMessage, Processor
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
     recommendations_topic = app.topic(settings.recommendations_topic, **RAW)
     dead_letter_topic = app.topic(settings.dead_letter_topic, **RAW)
     table = app.Table(settings.state_table, partitions=settings.partitions, **RAW)
+    processed_offsets: dict[int, int] = {}  # input partition -> last processed offset, for the lag gauge
 
     async def apply_events(stream: StreamT) -> None:
         within_s = settings.batch_max_ms / 1000
@@ -115,7 +118,7 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         for event in events:
             by_partition[event.message.partition].append(event)
 
-        for partition_events in by_partition.values():
+        for partition, partition_events in by_partition.items():
             lookup = {(e.message.partition, e.message.offset): e for e in partition_events}
             messages = [to_input_message(e) for e in partition_events]
             result = processor.process(messages, _TableStore(table, lookup))
@@ -124,11 +127,70 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
                 await dead_letter_topic.send(key=dead_letter.key, value=dead_letter.value)
             for recommendation in result.recommendations:
                 await recommendations_topic.send(key=recommendation.key, value=recommendation.value)
+            processed_offsets[partition] = partition_events[-1].message.offset
 
     app.agent(events_topic, name="apply-events")(apply_events)
 
+    @app.timer(interval=5.0)
+    async def update_consumer_lag() -> None:
+        for tp in app.consumer.assignment():
+            if tp.topic != settings.events_topic:
+                continue
+            highwater = app.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            next_offset = processed_offsets.get(tp.partition, -1) + 1
+            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
+
+    if settings.model_poll_s > 0:
+        reloader = ModelReloader(settings, processor, metrics)
+        app.timer(interval=settings.model_poll_s, name="reload-model")(reloader.check)
+
     _add_web_views(app, settings, processor, metrics, table)
     return Components(app=app, settings=settings, processor=processor, metrics=metrics, table=table)
+
+
+class ModelReloader:
+    """Poll the bundle directory and swap in a new model version without a restart.
+
+    The swap happens between batches. States of the old version are rebuilt or reset when
+    their user's next event arrives (Settings.on_model_change). A bundle that fails to load
+    is logged once per manifest change, and the current model keeps serving.
+    """
+
+    def __init__(self, settings: Settings, processor: Processor, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.metrics = metrics
+        self._rejected: tuple[int, int] | None = None  # (mtime_ns, size) of the manifest that failed
+
+    async def check(self) -> None:
+        manifest_path = self.settings.bundle_dir / "manifest.json"
+        try:
+            stat = manifest_path.stat()
+            on_disk = json.loads(manifest_path.read_bytes()).get("model_version")
+        except (OSError, ValueError) as exc:
+            log.debug("bundle manifest unreadable, keeping model %s: %s", self.processor.model.version, exc)
+            return
+        signature = (stat.st_mtime_ns, stat.st_size)
+        if on_disk == self.processor.model.version or signature == self._rejected:
+            return
+
+        try:
+            model = await asyncio.to_thread(
+                load_bundle, self.settings.bundle_dir, threads=self.settings.ort_threads, optimization=self.settings.ort_optimization
+            )
+        except BundleError as exc:
+            self._rejected = signature
+            self.metrics.model_reloads.labels("failed").inc()
+            log.error("new model bundle rejected, still serving %s: %s", self.processor.model.version, exc)
+            return
+
+        previous = self.processor.model.version
+        self.processor.set_model(model)
+        self.metrics.model_reloads.labels("ok").inc()
+        self.metrics.model_info.info({"version": model.version, "cell": model.cell_type, "path": str(model.bundle_dir)})
+        log.info("model reloaded: version=%s previous=%s on_model_change=%s", model.version, previous, self.settings.on_model_change)
 
 
 def _add_web_views(app: faust.App, settings: Settings, processor: Processor, metrics: WorkerMetrics, table: Any) -> None:

@@ -59,11 +59,13 @@ class Settings:
         "What happens to a state of another model version: rebuild it from the recent items, or reset it.",
         (ON_MODEL_CHANGE_REBUILD, ON_MODEL_CHANGE_RESET),
     )
+    model_poll_s: float = _setting(10.0, "Seconds between checks of the bundle directory for a new model; 0 turns reloading off.")
     ort_threads: int = _setting(1, "ONNX Runtime intra-op threads; 1 is the most stable on a shared node.")
     ort_optimization: str = _setting("all", "ONNX Runtime graph optimisation level.", ORT_OPT_LEVELS)
     max_event_bytes: int = _setting(65536, "Largest accepted event value in bytes; larger ones go to the dead-letter topic.")
     commit_interval_s: float = _setting(1.0, "Seconds between consumer offset commits.")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.", ("debug", "info", "warning", "error"))
+    log_format: str = _setting("text", "text for people, json for one JSON object per line.", ("text", "json"))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -92,6 +94,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"invalid {ENV_PREFIX}{name.upper()}={getattr(self, name)}: must be at least 1")
+        if self.model_poll_s < 0:
+            raise SettingsError(f"invalid {ENV_PREFIX}MODEL_POLL_S={self.model_poll_s}: must be >= 0 (0 turns reloading off)")
         if self.batch_max_ms < 0 or self.commit_interval_s <= 0:
             raise SettingsError(
                 f"invalid timing: {ENV_PREFIX}BATCH_MAX_MS={self.batch_max_ms} must be >= 0 and "

@@ -52,3 +52,12 @@ class WorkerMetrics:
         )
         self.model_info = Info("streamrec_model", "The model bundle being served.", registry=r)
         self.table_keys = Gauge("streamrec_table_users", "User states held in the local table.", registry=r)
+        self.consumer_lag = Gauge(
+            "streamrec_consumer_lag_messages",
+            "Messages in an assigned input partition not yet processed (highwater minus next offset).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "streamrec_model_reloads_total", "Attempts to load a changed model bundle, by result (ok, failed).", ["result"], registry=r
+        )

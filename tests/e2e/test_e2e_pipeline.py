@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from collections import Counter, defaultdict
 
 import pytest
 
 from devkit.replay import first_users, interaction_events, malformed_messages, replay_events
-from devkit.worker_process import TopicCollector, WorkerProcess
 from export.bundle import load_pytorch_model, recommend_for_sequence
 from export.data import load_movielens
-from worker.config import Settings
 from worker.dead_letters import parse_dead_letter
-from worker.state import decode_state
-from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.e2e
 
 USERS = 120
-RECENT_ITEMS = 50
+RECENT_ITEMS = 50  # the worker setting STREAMREC_RECENT_ITEMS used by start_pipeline
 SCORE_TOLERANCE = 1e-4
 
 
@@ -43,64 +37,13 @@ def assert_same_top_k_ties_aside(user_id, served, offline):
         )
 
 
-def latest_states(records):
-    states = {}
-    for record in records:
-        states[record.key.decode()] = decode_state(record.value)
-    return states
-
-
 @pytest.fixture
-def pipeline(broker, movielens_bundle, tmp_path):
-    """A worker on fresh topics of the session broker, plus a collector of its output topics."""
-    suffix = uuid.uuid4().hex[:8]
-    settings = Settings.from_env(
-        {},
-        bundle_dir=movielens_bundle,
-        broker=f"kafka://{broker.bootstrap}",
-        app_id=f"e2e-{suffix}",
-        events_topic=f"events-{suffix}",
-        recommendations_topic=f"recommendations-{suffix}",
-        dead_letter_topic=f"dlq-{suffix}",
-        partitions=4,
-        data_dir=tmp_path / "state",
-    )
-    ensure_topics(
-        broker.bootstrap,
-        {
-            settings.events_topic: settings.partitions,
-            settings.changelog_topic: settings.partitions,
-            settings.recommendations_topic: settings.partitions,
-            settings.dead_letter_topic: settings.partitions,
-        },
-    )
-    env = {
-        "STREAMREC_BUNDLE_DIR": str(settings.bundle_dir),
-        "STREAMREC_BROKER": settings.broker,
-        "STREAMREC_APP_ID": settings.app_id,
-        "STREAMREC_EVENTS_TOPIC": settings.events_topic,
-        "STREAMREC_RECOMMENDATIONS_TOPIC": settings.recommendations_topic,
-        "STREAMREC_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-        "STREAMREC_PARTITIONS": str(settings.partitions),
-        "STREAMREC_DATA_DIR": str(settings.data_dir),
-        "STREAMREC_RECENT_ITEMS": str(RECENT_ITEMS),
-        "STREAMREC_CREATE_TOPICS": "false",
-    }
-    worker = WorkerProcess(env, tmp_path / "worker.log").start()
-    collector = TopicCollector(
-        broker.bootstrap, [settings.recommendations_topic, settings.dead_letter_topic, settings.changelog_topic]
-    ).start()
-    try:
-        worker.wait_ready()
-        yield settings, worker, collector
-    finally:
-        collector.stop()
-        exit_code = worker.stop()
-        assert exit_code == 0, f"worker exited with {exit_code}:\n{worker.log_tail()}"
+def pipeline(start_pipeline, movielens_bundle):
+    return start_pipeline(movielens_bundle)
 
 
 def test_movielens_replay_serves_offline_model_and_dead_letters(pipeline, broker, movielens_bundle, dataset_dir):
-    settings, worker, collector = pipeline
+    settings, worker, collector = pipeline.settings, pipeline.worker, pipeline.collector
     events = first_users(interaction_events(load_movielens(dataset_dir), "ml-100k"), USERS)
     malformed = malformed_messages(12)
 
@@ -153,12 +96,12 @@ def test_movielens_replay_serves_offline_model_and_dead_letters(pipeline, broker
 
 
 def test_redelivered_events_change_no_state(pipeline, broker, dataset_dir):
-    settings, worker, collector = pipeline
+    settings, collector = pipeline.settings, pipeline.collector
     events = first_users(interaction_events(load_movielens(dataset_dir), "ml-100k"), 30)
     assert replay_events(broker.bootstrap, settings.events_topic, events).ok
     assert collector.wait_for(settings.recommendations_topic, len(events), timeout_s=300, idle_timeout_s=60) == len(events)
-    _wait_until_quiet(collector, settings.changelog_topic)
-    before = latest_states(collector.snapshot(settings.changelog_topic))
+    pipeline.wait_until_quiet(settings.changelog_topic)
+    before = pipeline.latest_states()
     changelog_before = collector.count(settings.changelog_topic)
 
     # Send the last five events of every user again: same event ids, new offsets.
@@ -168,13 +111,10 @@ def test_redelivered_events_change_no_state(pipeline, broker, dataset_dir):
     redelivered = [event for user_events in by_user.values() for event in user_events[-5:]]
     assert replay_events(broker.bootstrap, settings.events_topic, redelivered).ok
 
-    deadline = time.monotonic() + 120
-    while worker.metric("streamrec_events_skipped_total", 'reason="event_id"') < len(redelivered):
-        assert time.monotonic() < deadline, f"skips not seen on /metrics:\n{worker.log_tail()}"
-        time.sleep(0.5)
-    _wait_until_quiet(collector, settings.changelog_topic)
+    pipeline.wait_for_metric("streamrec_events_skipped_total", 'reason="event_id"', len(redelivered))
+    pipeline.wait_until_quiet(settings.changelog_topic)
 
-    after = latest_states(collector.snapshot(settings.changelog_topic))
+    after = pipeline.latest_states()
     assert collector.count(settings.changelog_topic) == changelog_before
     assert collector.count(settings.recommendations_topic) == len(events)
     assert after.keys() == before.keys()
@@ -182,15 +122,3 @@ def test_redelivered_events_change_no_state(pipeline, broker, dataset_dir):
         assert state.events_absorbed == before[user_id].events_absorbed
         assert state.last_offset == before[user_id].last_offset
         assert (state.hidden == before[user_id].hidden).all()
-
-
-def _wait_until_quiet(collector, topic, quiet_s=3.0, timeout_s=60.0):
-    """Wait until `topic` has had no new record for quiet_s (faust flushes the changelog at each commit)."""
-    deadline = time.monotonic() + timeout_s
-    last_count, last_change = collector.count(topic), time.monotonic()
-    while time.monotonic() - last_change < quiet_s:
-        assert time.monotonic() < deadline, f"{topic} never went quiet"
-        time.sleep(0.3)
-        count = collector.count(topic)
-        if count != last_count:
-            last_count, last_change = count, time.monotonic()
