@@ -1,0 +1,172 @@
+"""Export one recurrent step of the model to an ONNX graph.
+
+The graph takes a batch of (item, event type, hidden state, items to exclude) and returns
+the new hidden state with the top-k scores and items. Batch size and the number of
+excluded items are dynamic axes. Weights are stored inside the .onnx file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from export.model import GRU4Rec
+
+DEFAULT_K = 20
+DEFAULT_OPSET = 18
+
+INPUT_NAMES = ("item_index", "event_type", "hidden", "exclude_items")
+OUTPUT_NAMES = ("hidden_out", "topk_scores", "topk_items")
+
+# Example sizes for tracing. torch.export specialises dimensions of size 0 or 1, so both
+# dynamic axes are traced at sizes above 1.
+EXAMPLE_BATCH = 3
+EXAMPLE_EXCLUDE = 4
+
+
+class ExportError(Exception):
+    """The step graph failed to export or to pass its structural checks."""
+
+
+class StepGraph(nn.Module):
+    """The model's ``step`` with k fixed, as the module that torch exports."""
+
+    def __init__(self, model: GRU4Rec, k: int):
+        super().__init__()
+        self.model = model
+        self.k = k
+
+    def forward(
+        self,
+        item_index: torch.Tensor,  # (batch,) int64
+        event_type: torch.Tensor,  # (batch,) int64
+        hidden: torch.Tensor,  # (layers, batch, hidden) float32
+        exclude_items: torch.Tensor,  # (batch, n_exclude) int64
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.step(item_index, event_type, hidden, exclude_items, self.k)
+
+
+def check_k(model: GRU4Rec, k: int) -> None:
+    known_items = model.config.num_items - 1
+    if not 1 <= k <= known_items:
+        raise ExportError(f"k={k} is invalid: it must be between 1 and the {known_items} known items.")
+
+
+def example_inputs(model: GRU4Rec) -> tuple[torch.Tensor, ...]:
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    item_index = torch.randint(0, config.num_items, (EXAMPLE_BATCH,), generator=generator)
+    event_type = torch.randint(0, config.num_event_types, (EXAMPLE_BATCH,), generator=generator)
+    hidden = torch.zeros(config.num_layers, EXAMPLE_BATCH, config.hidden_size)  # (layers, batch, hidden)
+    exclude_items = torch.randint(0, config.num_items, (EXAMPLE_BATCH, EXAMPLE_EXCLUDE), generator=generator)
+    return item_index, event_type, hidden, exclude_items
+
+
+def export_step_graph(model: GRU4Rec, k: int = DEFAULT_K, opset: int = DEFAULT_OPSET) -> bytes:
+    """Export the step graph and return the serialised ONNX model."""
+    check_k(model, k)
+    was_training = model.training
+    model.eval()
+
+    batch = torch.export.Dim("batch")
+    n_exclude = torch.export.Dim("n_exclude")
+    dynamic_shapes = {
+        "item_index": {0: batch},
+        "event_type": {0: batch},
+        "hidden": {1: batch},
+        "exclude_items": {0: batch, 1: n_exclude},
+    }
+
+    # torch 2.13's exporter logs a warning per torchvision operator it cannot register
+    # when torchvision is absent, but the step graph uses none of them.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # The exporter also warns about its own internals on every call.
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                StepGraph(model, k),
+                example_inputs(model),
+                dynamo=True,
+                external_data=False,
+                opset_version=opset,
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+            )
+    except Exception as error:
+        raise ExportError(f"torch.onnx.export failed for the step graph (opset {opset}): {error}") from error
+    finally:
+        model.train(was_training)
+
+    buffer = io.BytesIO()
+    onnx.save_model(program.model_proto, buffer)
+    graph_bytes = buffer.getvalue()
+    check_graph(graph_bytes, model, k)
+    return graph_bytes
+
+
+def check_graph(graph_bytes: bytes, model: GRU4Rec, k: int) -> None:
+    """Check input and output names, types and ranks; raise ExportError on a mismatch."""
+    proto = onnx.load_from_string(graph_bytes)
+    onnx.checker.check_model(proto)
+
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ExportError(f"Initializer {tensor.name} refers to external data; weights must be embedded.")
+
+    config = model.config
+    expected_inputs = {
+        "item_index": (onnx.TensorProto.INT64, 1),
+        "event_type": (onnx.TensorProto.INT64, 1),
+        "hidden": (onnx.TensorProto.FLOAT, 3),
+        "exclude_items": (onnx.TensorProto.INT64, 2),
+    }
+    expected_outputs = {
+        "hidden_out": (onnx.TensorProto.FLOAT, 3),
+        "topk_scores": (onnx.TensorProto.FLOAT, 2),
+        "topk_items": (onnx.TensorProto.INT64, 2),
+    }
+    _check_values("input", proto.graph.input, expected_inputs)
+    _check_values("output", proto.graph.output, expected_outputs)
+
+    hidden_dims = _dims(proto.graph.input, "hidden")
+    if hidden_dims[0] != config.num_layers or hidden_dims[2] != config.hidden_size:
+        raise ExportError(
+            f"Input hidden has shape {hidden_dims}, expected [{config.num_layers}, batch, {config.hidden_size}]."
+        )
+    scores_dims = _dims(proto.graph.output, "topk_scores")
+    if scores_dims[1] != k:
+        raise ExportError(f"Output topk_scores has shape {scores_dims}, expected [batch, {k}].")
+
+
+def _check_values(kind: str, values, expected: dict[str, tuple[int, int]]) -> None:
+    found = {value.name: value for value in values}
+    if list(found) != list(expected):
+        raise ExportError(f"Graph {kind}s are {list(found)}, expected {list(expected)}.")
+    for name, (element_type, rank) in expected.items():
+        tensor_type = found[name].type.tensor_type
+        if tensor_type.elem_type != element_type or len(tensor_type.shape.dim) != rank:
+            raise ExportError(
+                f"Graph {kind} {name} has element type {tensor_type.elem_type} and rank "
+                f"{len(tensor_type.shape.dim)}, expected {element_type} and {rank}."
+            )
+
+
+def _dims(values, name: str) -> list[int | str]:
+    """Return a value's shape, with symbolic dimensions as their names."""
+    value = next(value for value in values if value.name == name)
+    return [dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in value.type.tensor_type.shape.dim]
+
+
+def write_step_graph(model: GRU4Rec, path: Path, k: int = DEFAULT_K, opset: int = DEFAULT_OPSET) -> bytes:
+    graph_bytes = export_step_graph(model, k, opset)
+    Path(path).write_bytes(graph_bytes)
+    return graph_bytes

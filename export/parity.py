@@ -1,0 +1,232 @@
+"""Check that the exported step graph computes what the PyTorch model computes.
+
+Two kinds of inputs are compared. Independent random batches have random hidden states,
+items, event types and exclusion lists of several lengths. In a chain of steps, each side
+feeds its own hidden output back in, so drift would accumulate and show. Hidden
+states must agree within the tolerance. Scores must agree within the tolerance scaled by
+max(1, |score|), because float32 rounding grows with the magnitude of a score. Top-k lists
+must be equal, except that two items may swap places where their scores tie within that
+scaled tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.model import GRU4Rec
+
+DEFAULT_TOLERANCE = 1e-5
+RANDOM_BATCH_SHAPES = ((1, 0), (2, 1), (7, 5), (32, 30), (64, 200))  # (batch, n_exclude)
+CHAINED_STEPS = 200
+CHAINED_BATCH = 4
+# The chained run excludes each user's most recent items, as the worker does.
+CHAINED_EXCLUDE_WINDOW = 50
+MAX_REPORTED_FAILURES = 10
+
+
+class ParityError(Exception):
+    """The ONNX graph and the PyTorch model disagree beyond the tolerance."""
+
+    def __init__(self, message: str, result: ParityResult):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """Largest differences seen and how many top-k positions differed only by a tie."""
+
+    tolerance: float
+    random_batches: int
+    chained_steps: int
+    hidden_max_abs_diff: float
+    scores_max_abs_diff: float
+    topk_positions_compared: int
+    topk_tie_swaps: int
+    failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        figures = asdict(self)
+        figures["failures"] = list(self.failures)
+        figures["passed"] = self.passed
+        return figures
+
+
+class _Comparison:
+    """Running maxima and failure notes over all compared steps."""
+
+    def __init__(self, tolerance: float):
+        self.tolerance = tolerance
+        self.hidden_max = 0.0
+        self.scores_max = 0.0
+        self.positions = 0
+        self.tie_swaps = 0
+        self.failures: list[str] = []
+
+    def fail(self, note: str) -> None:
+        if len(self.failures) < MAX_REPORTED_FAILURES:
+            self.failures.append(note)
+
+    def compare(self, label: str, torch_outputs, onnx_outputs, full_scores: np.ndarray) -> None:
+        torch_hidden, torch_scores, torch_items = torch_outputs
+        onnx_hidden, onnx_scores, onnx_items = onnx_outputs
+
+        hidden_diff = float(np.abs(torch_hidden - onnx_hidden).max())
+        self.hidden_max = max(self.hidden_max, hidden_diff)
+        if not hidden_diff <= self.tolerance:
+            self.fail(f"{label}: hidden_out differs by {hidden_diff:.3g} > {self.tolerance:g}")
+
+        scores_diff = _max_abs_diff(torch_scores, onnx_scores)
+        self.scores_max = max(self.scores_max, scores_diff)
+        if not _scores_close(torch_scores, onnx_scores, self.tolerance):
+            self.fail(f"{label}: topk_scores differ by up to {scores_diff:.3g}, beyond {self.tolerance:g} x max(1, |score|)")
+
+        self._compare_items(label, torch_scores, torch_items, onnx_items, full_scores)
+
+    def _compare_items(self, label, torch_scores, torch_items, onnx_items, full_scores) -> None:
+        self.positions += torch_items.size
+        for row, position in zip(*np.nonzero(torch_items != onnx_items)):
+            # The ONNX pick is acceptable when PyTorch scores it the same as its own pick.
+            onnx_item = onnx_items[row, position]
+            expected = torch_scores[row, position]
+            actual = full_scores[row, onnx_item]
+            if _scores_close(np.array([expected]), np.array([actual]), self.tolerance):
+                self.tie_swaps += 1
+                continue
+            self.fail(
+                f"{label}, row {row}, rank {position}: ONNX returned item {onnx_item} "
+                f"(PyTorch score {actual:.7g}), PyTorch returned item {torch_items[row, position]} "
+                f"(score {expected:.7g})"
+            )
+
+
+def _scores_close(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> bool:
+    """Return True when every pair agrees within tolerance x max(1, |expected|)."""
+    both_equal = expected == actual  # covers -inf == -inf
+    if not (both_equal | (np.isfinite(expected) & np.isfinite(actual))).all():
+        return False  # an infinity or NaN facing a different value
+    expected = np.where(both_equal, 0.0, expected.astype(np.float64))
+    actual = np.where(both_equal, 0.0, actual.astype(np.float64))
+    allowed = tolerance * np.maximum(1.0, np.abs(expected))
+    return bool((np.abs(expected - actual) <= allowed).all())
+
+
+def _max_abs_diff(left: np.ndarray, right: np.ndarray) -> float:
+    """Largest absolute difference, counting two equal infinities as no difference."""
+    both_equal = left == right  # covers -inf == -inf, whose difference would be NaN
+    left = np.where(both_equal, 0.0, left.astype(np.float64))
+    right = np.where(both_equal, 0.0, right.astype(np.float64))
+    diff = np.abs(left - right)
+    return float(diff.max()) if diff.size else 0.0
+
+
+def make_session(graph_bytes: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # One thread keeps the check steady when other processes share the cores. Results do not
+    # depend on the thread count beyond float rounding.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(graph_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def check_parity(
+    model: GRU4Rec,
+    graph_bytes: bytes,
+    k: int,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+    chained_steps: int = CHAINED_STEPS,
+) -> ParityResult:
+    """Compare the graph with ``model.step`` and raise ParityError if they disagree."""
+    was_training = model.training
+    model.eval()
+    session = make_session(graph_bytes)
+    rng = np.random.default_rng(seed)
+    comparison = _Comparison(tolerance)
+
+    try:
+        for index, (batch, n_exclude) in enumerate(RANDOM_BATCH_SHAPES):
+            inputs = _random_inputs(model, rng, batch, n_exclude)
+            label = f"random batch {index} (batch {batch}, {n_exclude} excluded)"
+            torch_outputs, full_scores = _run_torch(model, inputs, k)
+            comparison.compare(label, torch_outputs, session.run(None, inputs), full_scores)
+        _compare_chain(model, session, rng, k, chained_steps, comparison)
+    finally:
+        model.train(was_training)
+
+    result = ParityResult(
+        tolerance=tolerance,
+        random_batches=len(RANDOM_BATCH_SHAPES),
+        chained_steps=chained_steps,
+        hidden_max_abs_diff=comparison.hidden_max,
+        scores_max_abs_diff=comparison.scores_max,
+        topk_positions_compared=comparison.positions,
+        topk_tie_swaps=comparison.tie_swaps,
+        failures=tuple(comparison.failures),
+    )
+    if not result.passed:
+        raise ParityError(
+            "ONNX step graph disagrees with the PyTorch model:\n  " + "\n  ".join(result.failures), result
+        )
+    return result
+
+
+def _random_inputs(model: GRU4Rec, rng: np.random.Generator, batch: int, n_exclude: int) -> dict[str, np.ndarray]:
+    config = model.config
+    exclude_items = rng.integers(0, config.num_items, size=(batch, n_exclude), dtype=np.int64)
+    # Zero padding must behave like any other excluded index 0.
+    exclude_items[:, n_exclude // 2 :] *= rng.integers(0, 2, size=(batch, n_exclude - n_exclude // 2))
+    return {
+        "item_index": rng.integers(0, config.num_items, size=batch, dtype=np.int64),
+        "event_type": rng.integers(0, config.num_event_types, size=batch, dtype=np.int64),
+        "hidden": rng.uniform(-1.0, 1.0, size=(config.num_layers, batch, config.hidden_size)).astype(np.float32),
+        "exclude_items": exclude_items,
+    }
+
+
+def _run_torch(model: GRU4Rec, inputs: dict[str, np.ndarray], k: int):
+    """Return the PyTorch step outputs and the full masked score matrix (batch, items)."""
+    tensors = [torch.from_numpy(inputs[name]) for name in ("item_index", "event_type", "hidden", "exclude_items")]
+    with torch.no_grad():
+        torch_outputs = [tensor.numpy() for tensor in model.step(*tensors, k)]
+        # Ranking every known item recovers each item's masked score for the tie check.
+        _, all_scores, all_items = model.step(*tensors, model.config.num_items - 1)
+    full_scores = np.full((len(inputs["item_index"]), model.config.num_items), -np.inf, dtype=np.float32)
+    np.put_along_axis(full_scores, all_items.numpy(), all_scores.numpy(), axis=1)
+    return torch_outputs, full_scores
+
+
+def _compare_chain(
+    model: GRU4Rec,
+    session: ort.InferenceSession,
+    rng: np.random.Generator,
+    k: int,
+    steps: int,
+    comparison: _Comparison,
+) -> None:
+    config = model.config
+    torch_hidden = np.zeros((config.num_layers, CHAINED_BATCH, config.hidden_size), dtype=np.float32)
+    onnx_hidden = torch_hidden.copy()
+    history = np.zeros((CHAINED_BATCH, 0), dtype=np.int64)
+
+    for step in range(steps):
+        items = rng.integers(0, config.num_items, size=CHAINED_BATCH, dtype=np.int64)
+        event_types = rng.integers(0, config.num_event_types, size=CHAINED_BATCH, dtype=np.int64)
+        history = np.concatenate([history, items[:, None]], axis=1)[:, -CHAINED_EXCLUDE_WINDOW:]
+
+        torch_inputs = {"item_index": items, "event_type": event_types, "hidden": torch_hidden, "exclude_items": history}
+        torch_outputs, full_scores = _run_torch(model, torch_inputs, k)
+        onnx_inputs = dict(torch_inputs, hidden=onnx_hidden)
+        onnx_outputs = session.run(None, onnx_inputs)
+
+        comparison.compare(f"chained step {step}", torch_outputs, onnx_outputs, full_scores)
+        torch_hidden, onnx_hidden = torch_outputs[0], onnx_outputs[0]

@@ -1,0 +1,166 @@
+"""Per-user sequences, the leave-one-out split and the item and event-type vocabularies.
+
+Ordering rule: a user's interactions are sorted by the integer timestamp, and equal
+timestamps keep file order (the line number). The last interaction is the test target,
+the one before it the validation target, and the rest is training data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.data import Interaction
+
+# Fixed order: an event type's index in the model is its position here.
+EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "rating")
+
+# Item index 0 is the unknown item and the padding value. It is never recommended.
+UNKNOWN_ITEM_INDEX = 0
+
+# A split needs a training prefix of at least one item before validation and test.
+MIN_INTERACTIONS_PER_USER = 3
+
+
+def natural_id_key(identifier: str) -> tuple[int, int, str]:
+    """Sort key that puts numeric ids first in numeric order, then other ids as strings."""
+    if identifier.isdigit():
+        return (0, int(identifier), identifier)
+    return (1, 0, identifier)
+
+
+class ItemVocabulary:
+    """Mapping between item ids and model indices, with index 0 for unknown items."""
+
+    def __init__(self, item_ids: Sequence[str]):
+        if len(set(item_ids)) != len(item_ids):
+            raise ValueError("Item ids in a vocabulary must be unique.")
+        self._ids = [""] + list(item_ids)
+        self._index = {item_id: index for index, item_id in enumerate(item_ids, start=1)}
+
+    @classmethod
+    def from_interactions(cls, interactions: Iterable[Interaction]) -> ItemVocabulary:
+        """Build the vocabulary of every item in the log, numeric ids in numeric order.
+
+        With MovieLens ids 1..1682 this makes each item's index equal to its id.
+        """
+        item_ids = {interaction.item_id for interaction in interactions}
+        return cls(sorted(item_ids, key=natural_id_key))
+
+    def __len__(self) -> int:
+        """Number of indices, including the unknown index 0."""
+        return len(self._ids)
+
+    def index_of(self, item_id: str) -> int:
+        return self._index.get(item_id, UNKNOWN_ITEM_INDEX)
+
+    def id_of(self, index: int) -> str:
+        if not 1 <= index < len(self._ids):
+            raise IndexError(f"Item index {index} is outside 1..{len(self._ids) - 1}.")
+        return self._ids[index]
+
+    @property
+    def item_ids(self) -> list[str]:
+        """Known item ids in index order, starting at index 1."""
+        return self._ids[1:]
+
+
+def event_type_index(event_type: str) -> int:
+    try:
+        return EVENT_TYPES.index(event_type)
+    except ValueError:
+        raise ValueError(
+            f"Unknown event type {event_type!r}; expected one of {', '.join(EVENT_TYPES)}."
+        ) from None
+
+
+@dataclass(frozen=True)
+class UserSplit:
+    """One user's leave-one-out split, as item and event-type indices."""
+
+    user_id: str
+    train_items: np.ndarray  # (train_length,) int64
+    train_event_types: np.ndarray  # (train_length,) int64
+    valid_item: int
+    valid_event_type: int
+    test_item: int
+    test_event_type: int
+
+    def test_prefix(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the test input: the training items followed by the validation item."""
+        items = np.append(self.train_items, self.valid_item)
+        event_types = np.append(self.train_event_types, self.valid_event_type)
+        return items, event_types
+
+
+@dataclass(frozen=True)
+class SplitDataset:
+    """The split of every user, with the vocabulary it was indexed by."""
+
+    vocabulary: ItemVocabulary
+    users: list[UserSplit]
+    # Users with fewer than MIN_INTERACTIONS_PER_USER interactions, left out of the split.
+    skipped_users: list[str]
+    num_interactions: int
+
+    @property
+    def num_items(self) -> int:
+        """Size of the item index space, including index 0."""
+        return len(self.vocabulary)
+
+
+def sort_by_user(interactions: Iterable[Interaction]) -> dict[str, list[Interaction]]:
+    """Group interactions by user, each list sorted by (timestamp_ms, line).
+
+    Users come out in natural id order.
+    """
+    by_user: dict[str, list[Interaction]] = {}
+    for interaction in interactions:
+        by_user.setdefault(interaction.user_id, []).append(interaction)
+
+    ordered = {}
+    for user_id in sorted(by_user, key=natural_id_key):
+        ordered[user_id] = sorted(by_user[user_id], key=lambda event: (event.timestamp_ms, event.line))
+    return ordered
+
+
+def split_leave_one_out(
+    interactions: Sequence[Interaction], vocabulary: ItemVocabulary | None = None
+) -> SplitDataset:
+    """Split every user's sequence into training prefix, validation item and test item.
+
+    The vocabulary defaults to every item in ``interactions``, so validation and test
+    items have an index even when no training prefix contains them.
+    """
+    if vocabulary is None:
+        vocabulary = ItemVocabulary.from_interactions(interactions)
+
+    users = []
+    skipped = []
+    for user_id, events in sort_by_user(interactions).items():
+        if len(events) < MIN_INTERACTIONS_PER_USER:
+            skipped.append(user_id)
+            continue
+
+        items = np.array([vocabulary.index_of(event.item_id) for event in events], dtype=np.int64)
+        event_types = np.array([event_type_index(event.event_type) for event in events], dtype=np.int64)
+        users.append(
+            UserSplit(
+                user_id=user_id,
+                train_items=items[:-2],
+                train_event_types=event_types[:-2],
+                valid_item=int(items[-2]),
+                valid_event_type=int(event_types[-2]),
+                test_item=int(items[-1]),
+                test_event_type=int(event_types[-1]),
+            )
+        )
+
+    return SplitDataset(
+        vocabulary=vocabulary,
+        users=users,
+        skipped_users=skipped,
+        num_interactions=len(interactions),
+    )
