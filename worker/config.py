@@ -63,6 +63,10 @@ class Settings:
     ort_threads: int = _setting(1, "ONNX Runtime intra-op threads; 1 is the most stable on a shared node.")
     ort_optimization: str = _setting("all", "ONNX Runtime graph optimisation level.", ORT_OPT_LEVELS)
     max_event_bytes: int = _setting(65536, "Largest accepted event value in bytes; larger ones go to the dead-letter topic.")
+    fetch_max_wait_ms: int = _setting(
+        100,
+        "Longest time a consumer fetch waits on the broker for data. Brokers that hold a fetch this long even when data arrives add this much latency.",
+    )
     commit_interval_s: float = _setting(1.0, "Seconds between consumer offset commits.")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.", ("debug", "info", "warning", "error"))
     log_format: str = _setting("text", "text for people, json for one JSON object per line.", ("text", "json"))
@@ -90,7 +94,9 @@ class Settings:
                 raise SettingsError(
                     f"invalid {ENV_PREFIX}{f.name.upper()}={value!r}: expected one of {', '.join(choices)}"
                 )
-        positive = ("partitions", "replication_factor", "batch_max_events", "recent_items", "ort_threads", "max_event_bytes")
+        positive = (
+            "partitions", "replication_factor", "batch_max_events", "recent_items", "ort_threads", "max_event_bytes", "fetch_max_wait_ms",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"invalid {ENV_PREFIX}{name.upper()}={getattr(self, name)}: must be at least 1")
