@@ -129,7 +129,7 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         processing_guarantee="at_least_once",
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
-        topic_allow_declare=not settings.create_topics,
+        topic_allow_declare=True,
         broker_commit_interval=settings.commit_interval_s,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
@@ -169,6 +169,8 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
 
     @app.timer(interval=5.0)
     async def update_consumer_lag() -> None:
+        # Start from no samples, so that partitions revoked by a rebalance stop being exported.
+        metrics.consumer_lag.clear()
         for tp in app.consumer.assignment():
             if tp.topic != settings.events_topic:
                 continue
@@ -198,18 +200,31 @@ class ModelReloader:
         self.settings = settings
         self.processor = processor
         self.metrics = metrics
-        self._rejected: tuple[int, int] | None = None  # (mtime_ns, size) of the manifest that failed
+        self._rejected: tuple | None = None  # file signatures of the bundle that failed to load
+
+    def _signature(self) -> tuple:
+        entries = []
+        for path in sorted(self.settings.bundle_dir.glob("*")):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            entries.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(entries)
 
     async def check(self) -> None:
         manifest_path = self.settings.bundle_dir / "manifest.json"
         try:
-            stat = manifest_path.stat()
             on_disk = json.loads(manifest_path.read_bytes()).get("model_version")
         except (OSError, ValueError) as exc:
             log.debug("bundle manifest unreadable, keeping model %s: %s", self.processor.model.version, exc)
             return
-        signature = (stat.st_mtime_ns, stat.st_size)
-        if on_disk == self.processor.model.version or signature == self._rejected:
+        if on_disk == self.processor.model.version:
+            return
+        # A failed bundle is retried only once one of its files changes, so a bundle copied
+        # file by file is picked up when its last file lands, without an error per poll.
+        signature = self._signature()
+        if signature == self._rejected:
             return
 
         try:
@@ -222,6 +237,7 @@ class ModelReloader:
             log.error("new model bundle rejected, still serving %s: %s", self.processor.model.version, exc)
             return
 
+        self._rejected = None
         previous = self.processor.model.version
         self.processor.set_model(model)
         self.metrics.model_reloads.labels("ok").inc()
