@@ -65,7 +65,7 @@ RUN groupadd --system --gid 10001 streamrec \
  && chown 10001:10001 /var/lib/streamrec
 COPY --from=worker-build /opt/streamrec /opt/streamrec
 # The root filesystem may be read-only (it is on Kubernetes): pip compiled the bytecode at
-# build time, and the worker writes only below STREAMREC_DATA_DIR and $HOME. HOME is /tmp
+# build time, and the worker writes only below STREAMREC_STATE_DIR and $HOME. HOME is /tmp
 # because onnxruntime (1.32) writes a cache below $HOME/.cache.
 ENV PATH=/opt/streamrec/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -73,7 +73,7 @@ ENV PATH=/opt/streamrec/bin:$PATH \
     HOME=/tmp \
     STREAMREC_WEB_HOST=0.0.0.0 \
     STREAMREC_BUNDLE_DIR=/models \
-    STREAMREC_DATA_DIR=/var/lib/streamrec \
+    STREAMREC_STATE_DIR=/var/lib/streamrec \
     STREAMREC_LOG_FORMAT=json
 WORKDIR /var/lib/streamrec
 USER 10001:10001

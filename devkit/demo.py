@@ -22,7 +22,7 @@ from devkit.replay import first_users, interaction_events, malformed_messages, r
 from devkit.worker_process import TopicCollector, WorkerProcess
 from worker.config import Settings
 from worker.model import BundleError, load_bundle
-from worker.topics import ensure_topics
+from worker.create_topics import create_worker_topics
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / "artifacts" / "demo"
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             bundle_dir=bundle,
             broker=f"kafka://{broker.bootstrap}",
             partitions=PARTITIONS,
-            data_dir=DEMO_DIR / f"state-{int(time.time())}",
+            state_dir=DEMO_DIR / f"state-{int(time.time())}",
         )
-        _create_topics(settings)
+        create_worker_topics(settings)
 
         worker = WorkerProcess(_worker_env(settings), DEMO_DIR / "worker.log").start()
         collector = TopicCollector(broker.bootstrap, [settings.recommendations_topic, settings.dead_letter_topic]).start()
@@ -91,24 +91,12 @@ def _ensure_bundle(bundle: Path, dataset_dir: Path, retrain: bool) -> Path:
     return bundle
 
 
-def _create_topics(settings: Settings) -> None:
-    ensure_topics(
-        settings.bootstrap_servers,
-        {
-            settings.events_topic: settings.partitions,
-            settings.changelog_topic: settings.partitions,
-            settings.recommendations_topic: settings.partitions,
-            settings.dead_letter_topic: settings.partitions,
-        },
-    )
-
-
 def _worker_env(settings: Settings) -> dict[str, str]:
     return {
         "STREAMREC_BUNDLE_DIR": str(settings.bundle_dir),
         "STREAMREC_BROKER": settings.broker,
         "STREAMREC_PARTITIONS": str(settings.partitions),
-        "STREAMREC_DATA_DIR": str(settings.data_dir),
+        "STREAMREC_STATE_DIR": str(settings.state_dir),
         "STREAMREC_CREATE_TOPICS": "false",
         "STREAMREC_LOG_LEVEL": "warning",
     }

@@ -49,18 +49,15 @@ def _run(settings: Settings, model) -> int:
     import faust
 
     from worker.app import create_app
-    from worker.topics import ensure_topics
+    from worker.create_topics import create_worker_topics
+    from worker.topics import TopicSetupError
 
     if settings.create_topics:
-        ensure_topics(
-            settings.bootstrap_servers,
-            {
-                settings.events_topic: settings.partitions,
-                settings.changelog_topic: settings.partitions,
-                settings.recommendations_topic: settings.partitions,
-                settings.dead_letter_topic: settings.partitions,
-            },
-        )
+        try:
+            create_worker_topics(settings)
+        except TopicSetupError as exc:
+            print(f"worker: topic setup failed: {exc}", file=sys.stderr)
+            return 2
 
     components = create_app(settings, model)
     worker = faust.Worker(

@@ -122,7 +122,7 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         settings.app_id,
         broker=settings.broker,
         store="rocksdb://",
-        datadir=str(settings.data_dir),
+        datadir=str(settings.state_dir),
         web_host=settings.web_host,
         web_port=settings.web_port,
         web_enabled=True,

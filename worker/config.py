@@ -43,7 +43,7 @@ class Settings:
     partitions: int = _setting(8, "Partition count of the events topic and the state changelog; topics are created with it.")
     replication_factor: int = _setting(1, "Replication factor used when the worker creates missing topics.")
     create_topics: bool = _setting(True, "Create missing topics with the partition count above before the worker starts.")
-    data_dir: Path = _setting(Path("var/worker"), "Directory of the RocksDB state table (one database per partition).")
+    state_dir: Path = _setting(Path("var/worker"), "Directory of the RocksDB state table (one database per partition).")
     web_host: str = _setting("127.0.0.1", "Address of the HTTP server for /metrics and health; 0.0.0.0 in a pod.")
     web_port: int = _setting(6066, "Port of the HTTP server for /metrics and health.")
     batch_max_events: int = _setting(64, "Largest number of events applied in one ONNX Runtime call.")

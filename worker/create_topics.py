@@ -53,6 +53,22 @@ def planned_topics(settings: Settings) -> dict[str, int]:
     return {name: settings.partitions for name in names}
 
 
+def create_worker_topics(settings: Settings, timeout_s: float = 60.0) -> tuple[list[str], bool]:
+    """Create the worker's missing topics and compact the changelog.
+
+    Returns the names of the topics created and whether the changelog's cleanup policy was
+    changed. Raises TopicSetupError (PartitionCountMismatch for a wrong partition count).
+    """
+    created = ensure_topics(
+        settings.bootstrap_servers,
+        planned_topics(settings),
+        replication_factor=settings.replication_factor,
+        timeout_s=timeout_s,
+    )
+    changed = ensure_compacted(settings.bootstrap_servers, settings.changelog_topic, timeout_s)
+    return created, changed
+
+
 def ensure_compacted(bootstrap: str, topic: str, timeout_s: float) -> bool:
     """Set cleanup.policy=compact on `topic` unless its policy already includes compaction.
 
@@ -168,20 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        created = ensure_topics(
-            settings.bootstrap_servers,
-            topics,
-            replication_factor=settings.replication_factor,
-            timeout_s=args.timeout_s,
-        )
-        for name in topics:
-            action = "created" if name in created else "exists"
-            print(f"create_topics: {action} topic={name} partitions={topics[name]}")
-
-        changed = ensure_compacted(settings.bootstrap_servers, settings.changelog_topic, args.timeout_s)
+        created, changed = create_worker_topics(settings, args.timeout_s)
     except TopicSetupError as exc:
         print(f"create_topics: failed: {exc}", file=sys.stderr)
         return 1
+    for name in topics:
+        action = "created" if name in created else "exists"
+        print(f"create_topics: {action} topic={name} partitions={topics[name]}")
 
     action = "set" if changed else "already set"
     print(f"create_topics: {action} cleanup.policy=compact on topic={settings.changelog_topic}")

@@ -98,14 +98,14 @@ def test_startup_probe_allows_two_minutes(overlay: Overlay) -> None:
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 120
 
 
-def test_data_dir_on_persistent_volume(overlay: Overlay) -> None:
+def test_state_dir_on_persistent_volume(overlay: Overlay) -> None:
     statefulset = overlay.one("StatefulSet")
-    data_dir = str(_settings(overlay).data_dir)
+    state_dir = str(_settings(overlay).state_dir)
     mounts = {m["mountPath"]: m for m in _worker(overlay)["volumeMounts"]}
     claim_names = [t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]]
 
-    assert mounts[data_dir]["name"] in claim_names
-    assert not mounts[data_dir].get("readOnly", False)
+    assert mounts[state_dir]["name"] in claim_names
+    assert not mounts[state_dir].get("readOnly", False)
 
 
 def test_bundle_dir_filled_by_init_container(overlay: Overlay) -> None:

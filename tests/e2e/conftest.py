@@ -12,7 +12,7 @@ import pytest
 from devkit.worker_process import TopicCollector, WorkerProcess
 from worker.config import Settings
 from worker.state import decode_state
-from worker.topics import ensure_topics
+from worker.create_topics import create_worker_topics
 
 RECENT_ITEMS = 50
 
@@ -65,18 +65,10 @@ def start_pipeline(broker, tmp_path):
             recommendations_topic=f"recommendations-{suffix}",
             dead_letter_topic=f"dlq-{suffix}",
             partitions=4,
-            data_dir=tmp_path / f"state-{suffix}",
+            state_dir=tmp_path / f"state-{suffix}",
             recent_items=RECENT_ITEMS,
         )
-        ensure_topics(
-            broker.bootstrap,
-            {
-                settings.events_topic: settings.partitions,
-                settings.changelog_topic: settings.partitions,
-                settings.recommendations_topic: settings.partitions,
-                settings.dead_letter_topic: settings.partitions,
-            },
-        )
+        create_worker_topics(settings)
         env = {
             "STREAMREC_BUNDLE_DIR": str(settings.bundle_dir),
             "STREAMREC_BROKER": settings.broker,
@@ -85,7 +77,7 @@ def start_pipeline(broker, tmp_path):
             "STREAMREC_RECOMMENDATIONS_TOPIC": settings.recommendations_topic,
             "STREAMREC_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
             "STREAMREC_PARTITIONS": str(settings.partitions),
-            "STREAMREC_DATA_DIR": str(settings.data_dir),
+            "STREAMREC_STATE_DIR": str(settings.state_dir),
             "STREAMREC_RECENT_ITEMS": str(RECENT_ITEMS),
             "STREAMREC_CREATE_TOPICS": "false",
             **extra_env,
