@@ -28,12 +28,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Settings every worker needs against the embedded broker (Tansu 0.6). Its ListOffsets
+# answers a partition's end offset as the base offset of the last record batch plus one, so
+# after a multi-record batch faust's changelog recovery stops early and, with local state
+# kept, fails its consistency check. One record per producer batch keeps the end offset right.
+EMBEDDED_BROKER_WORKER_ENV = {"STREAMREC_PRODUCER_MAX_BATCH_BYTES": "1"}
+
+
 class WorkerProcess:
     """`python -m worker` in a child process, configured through STREAMREC_* variables."""
 
     def __init__(self, env: dict[str, str], log_path: Path, web_port: int | None = None) -> None:
         self.web_port = web_port or free_port()
-        self.env = {**os.environ, **env, "STREAMREC_WEB_HOST": "127.0.0.1", "STREAMREC_WEB_PORT": str(self.web_port)}
+        self.env = {
+            **os.environ,
+            **EMBEDDED_BROKER_WORKER_ENV,
+            **env,
+            "STREAMREC_WEB_HOST": "127.0.0.1",
+            "STREAMREC_WEB_PORT": str(self.web_port),
+        }
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 

@@ -6,7 +6,7 @@ import argparse
 import logging.config
 import sys
 
-from worker.config import Settings, SettingsError
+from worker.config import ENV_PREFIX, Settings, SettingsError
 from worker.logs import logging_config
 from worker.model import BundleError, load_bundle
 
@@ -58,6 +58,12 @@ def _run(settings: Settings, model) -> int:
         except TopicSetupError as exc:
             print(f"worker: topic setup failed: {exc}", file=sys.stderr)
             return 2
+
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"worker: cannot create the state directory {ENV_PREFIX}STATE_DIR={settings.state_dir}: {exc}", file=sys.stderr)
+        return 2
 
     components = create_app(settings, model)
     worker = faust.Worker(

@@ -134,6 +134,7 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_max_batch_size=settings.producer_max_batch_bytes,
         key_serializer="raw",
         value_serializer="raw",
     )
@@ -157,12 +158,19 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         for partition, partition_events in by_partition.items():
             lookup = {(e.message.partition, e.message.offset): e for e in partition_events}
             messages = [to_input_message(e) for e in partition_events]
-            result = processor.process(messages, _TableStore(table, lookup))
+            store = _TableStore(table, lookup)
+            result = processor.process(messages, store)
 
+            deliveries = []
             for dead_letter in result.dead_letters:
-                await dead_letter_topic.send(key=dead_letter.key, value=dead_letter.value)
+                deliveries.append(await dead_letter_topic.send(key=dead_letter.key, value=dead_letter.value))
             for recommendation in result.recommendations:
-                await recommendations_topic.send(key=recommendation.key, value=recommendation.value)
+                deliveries.append(await recommendations_topic.send(key=recommendation.key, value=recommendation.value))
+            # States are written only after every output is acknowledged: after a crash in
+            # between, the redelivered events are applied again and their outputs repeated,
+            # instead of being skipped as already applied with their outputs lost.
+            await asyncio.gather(*deliveries)
+            result.write_states(store)
             processed_offsets[partition] = partition_events[-1].message.offset
 
     app.agent(events_topic, name="apply-events")(apply_events)

@@ -67,6 +67,10 @@ class Settings:
         100,
         "Longest time a consumer fetch waits on the broker for data. Brokers that hold a fetch this long even when data arrives add this much latency.",
     )
+    producer_max_batch_bytes: int = _setting(
+        16384,
+        "Largest record batch the producer sends per partition, in bytes; 1 sends one record per batch.",
+    )
     commit_interval_s: float = _setting(1.0, "Seconds between consumer offset commits.")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.", ("debug", "info", "warning", "error"))
     log_format: str = _setting("text", "text for people, json for one JSON object per line.", ("text", "json"))
@@ -96,6 +100,7 @@ class Settings:
                 )
         positive = (
             "partitions", "replication_factor", "batch_max_events", "recent_items", "ort_threads", "max_event_bytes", "fetch_max_wait_ms",
+            "producer_max_batch_bytes",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -57,8 +57,16 @@ class StateStore(Protocol):
 class BatchResult:
     recommendations: list[OutputMessage] = field(default_factory=list)
     dead_letters: list[OutputMessage] = field(default_factory=list)
+    # (user id, encoded state, a message of that user): to be written with StateStore.put
+    # only once the outputs above are delivered, so a crash never leaves a state that has
+    # absorbed an event whose recommendation was lost.
+    state_updates: list[tuple[str, bytes, InputMessage]] = field(default_factory=list)
     applied: int = 0
     skipped: int = 0
+
+    def write_states(self, store: "StateStore") -> None:
+        for user_id, value, message in self.state_updates:
+            store.put(user_id, value, message)
 
 
 @dataclass
@@ -91,6 +99,11 @@ class Processor:
         self._event_types = frozenset(model.event_types)
 
     def process(self, messages: Sequence[InputMessage], store: StateStore) -> BatchResult:
+        """Decode, deduplicate and apply `messages`; read states from `store` but write none.
+
+        The caller sends the result's outputs, waits for their delivery, then calls
+        result.write_states(store).
+        """
         result = BatchResult()
         self.metrics.batch_size.observe(len(messages))
         self.metrics.events_consumed.inc(len(messages))
@@ -104,7 +117,7 @@ class Processor:
 
         for user_id, batch in users.items():
             if batch.changed:
-                store.put(user_id, encode_state(batch.state), batch.last_message)
+                result.state_updates.append((user_id, encode_state(batch.state), batch.last_message))
             if batch.latest_recommendation is not None:
                 result.recommendations.append(batch.latest_recommendation)
         self._observe_recommendations(result.recommendations)
@@ -232,8 +245,13 @@ class Processor:
             message = pending.message
             if batch.state.has_applied(message.partition, message.offset, pending.event.event_id):
                 result.skipped += 1
-                reason = "offset" if message.partition == batch.state.last_partition and message.offset <= batch.state.last_offset else "event_id"
-                self.metrics.events_skipped.labels(reason).inc()
+                by_offset = message.partition == batch.state.last_partition and message.offset <= batch.state.last_offset
+                if by_offset:
+                    # Kafka redelivers by offset after a crash. The local state can then be
+                    # ahead of the changelog (its changelog record was lost with the process),
+                    # so it is written again to bring the changelog up to date.
+                    batch.changed = True
+                self.metrics.events_skipped.labels("offset" if by_offset else "event_id").inc()
                 log.debug(
                     "event already applied, skipped: user=%s event_id=%s %s[%d] offset=%d",
                     user_id, pending.event.event_id, message.topic, message.partition, message.offset,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,6 +41,17 @@ class Pipeline:
             count = self.collector.count(topic)
             if count != last_count:
                 last_count, last_change = count, time.monotonic()
+
+    def kill_and_restart(self, wipe_state: bool = False) -> None:
+        """SIGKILL the worker, optionally delete its RocksDB directory, and start it again."""
+        old = self.worker
+        old.process.kill()
+        old.process.wait()
+        if wipe_state:
+            shutil.rmtree(self.settings.state_dir, ignore_errors=True)
+        restart_log = old.log_path.with_name(old.log_path.stem + "-restarted.log")
+        self.worker = WorkerProcess(old.env, restart_log, web_port=old.web_port).start()
+        self.worker.wait_ready()
 
     def latest_states(self) -> dict:
         """Return the newest state record of each user on the changelog topic."""
@@ -83,13 +95,14 @@ def start_pipeline(broker, tmp_path):
             **extra_env,
         }
         worker = WorkerProcess(env, tmp_path / f"worker-{suffix}.log").start()
-        stack.callback(_stop_and_check, worker)
         collector = TopicCollector(
             broker.bootstrap, [settings.recommendations_topic, settings.dead_letter_topic, settings.changelog_topic]
         ).start()
+        pipeline = Pipeline(settings, worker, collector)
+        stack.callback(lambda: _stop_and_check(pipeline.worker))
         stack.callback(collector.stop)
         worker.wait_ready()
-        return Pipeline(settings, worker, collector)
+        return pipeline
 
     with stack:
         yield start
