@@ -19,7 +19,7 @@ import numpy as np
 
 from devkit.broker import EmbeddedBroker
 from devkit.replay import first_users, interaction_events, malformed_messages, replay_events
-from devkit.worker_process import TopicCollector, WorkerProcess
+from devkit.worker_process import TopicCollector, WorkerProcess, worker_env
 from worker.config import Settings
 from worker.model import BundleError, load_bundle
 from worker.create_topics import create_worker_topics
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         create_worker_topics(settings)
 
-        worker = WorkerProcess(_worker_env(settings), DEMO_DIR / "worker.log").start()
+        env = {**worker_env(settings), "STREAMREC_LOG_LEVEL": "warning"}
+        worker = WorkerProcess(env, DEMO_DIR / "worker.log").start()
         collector = TopicCollector(broker.bootstrap, [settings.recommendations_topic, settings.dead_letter_topic]).start()
         try:
             print("demo: waiting for the worker to join its consumer group (about 40 s on the embedded broker)")
@@ -89,17 +90,6 @@ def _ensure_bundle(bundle: Path, dataset_dir: Path, retrain: bool) -> Path:
     print("demo: $ " + " ".join(command[1:]))
     subprocess.run(command, check=True)
     return bundle
-
-
-def _worker_env(settings: Settings) -> dict[str, str]:
-    return {
-        "STREAMREC_BUNDLE_DIR": str(settings.bundle_dir),
-        "STREAMREC_BROKER": settings.broker,
-        "STREAMREC_PARTITIONS": str(settings.partitions),
-        "STREAMREC_STATE_DIR": str(settings.state_dir),
-        "STREAMREC_CREATE_TOPICS": "false",
-        "STREAMREC_LOG_LEVEL": "warning",
-    }
 
 
 def _replay_and_report(args, bootstrap, settings, events, titles, worker, collector) -> int:

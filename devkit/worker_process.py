@@ -15,9 +15,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+if TYPE_CHECKING:
+    from worker.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,25 @@ def free_port() -> int:
 # after a multi-record batch faust's changelog recovery stops early and, with local state
 # kept, fails its consistency check. One record per producer batch keeps the end offset right.
 EMBEDDED_BROKER_WORKER_ENV = {"STREAMREC_PRODUCER_MAX_BATCH_BYTES": "1"}
+
+
+def worker_env(settings: "Settings") -> dict[str, str]:
+    """Return the STREAMREC_* variables that make a worker process use `settings`.
+
+    Topic creation is turned off because the caller creates the topics first.
+    """
+    return {
+        "STREAMREC_BUNDLE_DIR": str(settings.bundle_dir),
+        "STREAMREC_BROKER": settings.broker,
+        "STREAMREC_APP_ID": settings.app_id,
+        "STREAMREC_EVENTS_TOPIC": settings.events_topic,
+        "STREAMREC_RECOMMENDATIONS_TOPIC": settings.recommendations_topic,
+        "STREAMREC_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
+        "STREAMREC_PARTITIONS": str(settings.partitions),
+        "STREAMREC_STATE_DIR": str(settings.state_dir),
+        "STREAMREC_RECENT_ITEMS": str(settings.recent_items),
+        "STREAMREC_CREATE_TOPICS": "false",
+    }
 
 
 class WorkerProcess:

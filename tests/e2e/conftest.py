@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from devkit.worker_process import TopicCollector, WorkerProcess
+from devkit.worker_process import TopicCollector, WorkerProcess, worker_env
 from worker.config import Settings
 from worker.state import decode_state
 from worker.create_topics import create_worker_topics
@@ -81,19 +81,7 @@ def start_pipeline(broker, tmp_path):
             recent_items=RECENT_ITEMS,
         )
         create_worker_topics(settings)
-        env = {
-            "STREAMREC_BUNDLE_DIR": str(settings.bundle_dir),
-            "STREAMREC_BROKER": settings.broker,
-            "STREAMREC_APP_ID": settings.app_id,
-            "STREAMREC_EVENTS_TOPIC": settings.events_topic,
-            "STREAMREC_RECOMMENDATIONS_TOPIC": settings.recommendations_topic,
-            "STREAMREC_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-            "STREAMREC_PARTITIONS": str(settings.partitions),
-            "STREAMREC_STATE_DIR": str(settings.state_dir),
-            "STREAMREC_RECENT_ITEMS": str(RECENT_ITEMS),
-            "STREAMREC_CREATE_TOPICS": "false",
-            **extra_env,
-        }
+        env = {**worker_env(settings), **extra_env}
         worker = WorkerProcess(env, tmp_path / f"worker-{suffix}.log").start()
         collector = TopicCollector(
             broker.bootstrap, [settings.recommendations_topic, settings.dead_letter_topic, settings.changelog_topic]
