@@ -1,6 +1,6 @@
 """Batch processing of input messages into state updates, recommendations and dead letters.
 
-This module holds the worker's logic without faust: the faust agent hands it a batch of
+This module contains the worker's logic without faust: the faust agent passes it a batch of
 messages from one partition and a state store, and sends what it returns. Within a batch the
 steps of many users run as one ONNX Runtime call per wave: wave i holds the i-th pending
 event of every user, so each user's events are still applied in offset order.
@@ -46,7 +46,7 @@ class OutputMessage:
 
 
 class StateStore(Protocol):
-    """The per-user state table. `message` tells the store which partition the key lives in."""
+    """The per-user state table; `message` identifies the partition that stores the key."""
 
     def get(self, user_id: str, message: InputMessage) -> bytes | None: ...
 
