@@ -27,5 +27,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m devkit.demo
 
+bench: $(STAMP)
+	$(PY) -m worker.bench
+
 clean:
 	rm -rf $(VENV) artifacts .cache .pytest_cache

@@ -124,6 +124,7 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         store="rocksdb://",
         datadir=str(settings.state_dir),
         web_host=settings.web_host,
+        web_bind=settings.web_host,  # faust listens on web_bind (default 0.0.0.0), not web_host
         web_port=settings.web_port,
         web_enabled=True,
         processing_guarantee="at_least_once",
