@@ -22,9 +22,9 @@ variant's backlog.
 
 All workers start together and wait until each has joined its consumer group (about 30 s
 on the embedded broker). Then, one variant at a time, the backlog is produced (well under
-a second for 100,000 events) and the variant consumes it: events/s is the backlog size
-divided by the time from its first to its last output record, so the group join is not
-timed. events/CPU s divides by the CPU time of the variant's process instead, which other
+a second for 100,000 events) and the variant consumes it. events/s is the backlog size
+divided by the time from the variant's first to its last output record, so the group
+join is not timed. events/CPU s divides by the CPU time of the variant's process instead, which other
 load on the machine changes less. A paced phase then produces events at half of the
 batched variant's rate, the same rate for every variant, and measures the latency from
 each input message's Kafka timestamp to its output's Kafka timestamp. The other workers
@@ -385,8 +385,8 @@ def say(message: str) -> None:
 def wait_until_committed(run: VariantRun, probe: BrokerProbe, start: list[int], count: int, phase: str, stall_timeout_s: float) -> list[int]:
     """Wait until the variant's group has committed `count` offsets past `start`; return the committed offsets.
 
-    The input topics have no transactions and no compaction, so every offset holds a
-    message and the committed offsets summed over the partitions count the messages consumed.
+    The input topics have no transactions and no compaction, so every offset is a message,
+    and the committed offsets summed over the partitions count the messages consumed.
     """
     settings = run.settings
     started = last_change = last_report = time.monotonic()
