@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 # Settings every worker needs against the embedded broker (Tansu 0.6). Its ListOffsets
-# answers a partition's end offset as the base offset of the last record batch plus one, so
+# returns a partition's end offset as the base offset of the last record batch plus one, so
 # after a multi-record batch faust's changelog recovery stops early and, with local state
 # kept, fails its consistency check. One record per producer batch keeps the end offset right.
 EMBEDDED_BROKER_WORKER_ENV = {"STREAMREC_PRODUCER_MAX_BATCH_BYTES": "1"}

@@ -23,7 +23,7 @@ from worker.processor import InputMessage, Processor
 
 log = logging.getLogger(__name__)
 
-# Keys and values stay bytes end to end: the decoder sees the original bytes (and can send
+# Keys and values stay bytes end to end: the decoder receives the original bytes (and can send
 # them to the dead-letter topic untouched), and the state codec owns the table value format.
 RAW = {"key_type": bytes, "value_type": bytes}
 
@@ -41,7 +41,7 @@ class _TableStore:
     """The processor's StateStore over the faust table.
 
     faust picks the RocksDB partition and the changelog partition of a table access from the
-    current event of the running task. A batch holds events of several users, so before each
+    current event of the running task. A batch contains events of several users, so before each
     access the current event is pointed at an event of that user: its partition is the user's.
     """
 

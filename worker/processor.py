@@ -2,7 +2,7 @@
 
 This module contains the worker's logic without faust: the faust agent passes it a batch of
 messages from one partition and a state store, and sends what it returns. Within a batch the
-steps of many users run as one ONNX Runtime call per wave: wave i holds the i-th pending
+steps of many users run as one ONNX Runtime call per wave: wave i contains the i-th pending
 event of every user, so each user's events are still applied in offset order.
 """
 

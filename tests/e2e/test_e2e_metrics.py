@@ -1,4 +1,4 @@
-"""/metrics of a running worker moves as events flow; /healthz and /readyz answer."""
+"""/metrics of a running worker moves as events flow; /healthz and /readyz respond."""
 
 from __future__ import annotations
 
