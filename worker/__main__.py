@@ -46,10 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(settings: Settings, model) -> int:
     # Imported here so that --settings and --check work without starting faust's machinery.
-    import faust
-
     from worker.app import create_app
     from worker.create_topics import create_worker_topics
+    from worker.shutdown import GracefulWorker
     from worker.topics import TopicSetupError
 
     if settings.create_topics:
@@ -66,8 +65,10 @@ def _run(settings: Settings, model) -> int:
         return 2
 
     components = create_app(settings, model)
-    worker = faust.Worker(
+    worker = GracefulWorker(
         components.app,
+        components.tracker,
+        settings.shutdown_timeout_s,
         loglevel=settings.log_level,
         logging_config=logging_config(settings.log_level, settings.log_format),
         redirect_stdouts=False,

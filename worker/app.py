@@ -6,9 +6,8 @@ import asyncio
 import json
 import logging
 import weakref
-from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import faust
 from faust.streams import _current_event
@@ -19,13 +18,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from worker.config import Settings
 from worker.metrics import WorkerMetrics
 from worker.model import BundleError, StepModel, load_bundle
-from worker.processor import InputMessage, Processor
+from worker.processor import BatchResult, InputMessage, Processor, StateStore
+from worker.shutdown import BatchTracker
 
 log = logging.getLogger(__name__)
 
 # Keys and values stay bytes end to end: the decoder receives the original bytes (and can send
 # them to the dead-letter topic untouched), and the state codec owns the table value format.
 RAW = {"key_type": bytes, "value_type": bytes}
+# Backoff between attempts at a batch that failed, for example while the broker is unreachable.
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 30.0
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Components:
     processor: Processor
     metrics: WorkerMetrics
     table: Any
+    tracker: BatchTracker
 
 
 class _TableStore:
@@ -111,14 +115,10 @@ class _ModuleWith:
         return getattr(self._module, name)
 
 
-def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | None = None) -> Components:
-    """Build the faust app serving `model`; nothing connects to Kafka until the app starts."""
+def build_faust_app(settings: Settings) -> faust.App:
+    """Return a faust app with the worker's Kafka, RocksDB and web settings and no agents yet."""
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
-    metrics = metrics if metrics is not None else WorkerMetrics()
-    processor = Processor(settings, model, metrics)
-    metrics.model_info.info({"version": model.version, "cell": model.cell_type, "path": str(model.bundle_dir)})
-
-    app = faust.App(
+    return faust.App(
         settings.app_id,
         broker=settings.broker,
         store="rocksdb://",
@@ -136,43 +136,90 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_max_batch_size=settings.producer_max_batch_bytes,
+        producer_linger=settings.producer_linger_ms / 1000,
         key_serializer="raw",
         value_serializer="raw",
+        # faust reads environment variables such as WEB_PORT and BROKER_URL, and they win
+        # over the arguments above. Kubernetes defines variables of that form for services
+        # (a service named "web" gives WEB_PORT=tcp://...), so faust gets an empty environment
+        # and STREAMREC_* variables alone configure the worker.
+        env={},
     )
 
+
+async def process_and_deliver(
+    events: Sequence[EventT],
+    process: Callable[[Sequence[InputMessage], StateStore], BatchResult],
+    table: Any,
+    recommendations_topic: Any,
+    dead_letter_topic: Any,
+) -> BatchResult:
+    """Run `process` over a batch of events from any partitions, send its outputs, then write its states.
+
+    States are written only after every output is acknowledged: after a crash in between,
+    the redelivered events are applied again and their outputs repeated, instead of being
+    skipped as already applied with their outputs lost.
+    """
+    lookup = {(event.message.partition, event.message.offset): event for event in events}
+    store = _TableStore(table, lookup)
+    result = process([to_input_message(event) for event in events], store)
+
+    deliveries = []
+    for dead_letter in result.dead_letters:
+        deliveries.append(await dead_letter_topic.send(key=dead_letter.key, value=dead_letter.value))
+    for recommendation in result.recommendations:
+        deliveries.append(await recommendations_topic.send(key=recommendation.key, value=recommendation.value))
+    await asyncio.gather(*deliveries)
+    result.write_states(store)
+    return result
+
+
+def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | None = None) -> Components:
+    """Build the faust app serving `model`; nothing connects to Kafka until the app starts."""
+    metrics = metrics if metrics is not None else WorkerMetrics()
+    processor = Processor(settings, model, metrics)
+    metrics.model_info.info({"version": model.version, "cell": model.cell_type, "path": str(model.bundle_dir)})
+
+    app = build_faust_app(settings)
     events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **RAW)
     recommendations_topic = app.topic(settings.recommendations_topic, **RAW)
     dead_letter_topic = app.topic(settings.dead_letter_topic, **RAW)
     table = app.Table(settings.state_table, partitions=settings.partitions, **RAW)
     processed_offsets: dict[int, int] = {}  # input partition -> last processed offset, for the lag gauge
+    # A pause longer than a few batch windows means the agent has nothing left to do.
+    tracker = BatchTracker(quiet_s=max(0.5, 5 * settings.batch_max_ms / 1000))
 
     async def apply_events(stream: StreamT) -> None:
+        # One batch contains events of every assigned partition: the fewer, larger batches, the
+        # fewer ONNX Runtime calls and acknowledgement waits per event.
         within_s = settings.batch_max_ms / 1000
         async for events in stream.take_events(settings.batch_max_events, within=within_s):
-            await _process_batch(events)
+            tracker.started()
+            try:
+                await _until_delivered(events)
+            finally:
+                tracker.finished()
+            for event in events:
+                partition, offset = event.message.partition, event.message.offset
+                processed_offsets[partition] = max(offset, processed_offsets.get(partition, -1))
 
-    async def _process_batch(events: Sequence[EventT]) -> None:
-        by_partition: dict[int, list[EventT]] = defaultdict(list)
-        for event in events:
-            by_partition[event.message.partition].append(event)
-
-        for partition, partition_events in by_partition.items():
-            lookup = {(e.message.partition, e.message.offset): e for e in partition_events}
-            messages = [to_input_message(e) for e in partition_events]
-            store = _TableStore(table, lookup)
-            result = processor.process(messages, store)
-
-            deliveries = []
-            for dead_letter in result.dead_letters:
-                deliveries.append(await dead_letter_topic.send(key=dead_letter.key, value=dead_letter.value))
-            for recommendation in result.recommendations:
-                deliveries.append(await recommendations_topic.send(key=recommendation.key, value=recommendation.value))
-            # States are written only after every output is acknowledged: after a crash in
-            # between, the redelivered events are applied again and their outputs repeated,
-            # instead of being skipped as already applied with their outputs lost.
-            await asyncio.gather(*deliveries)
-            result.write_states(store)
-            processed_offsets[partition] = partition_events[-1].message.offset
+    async def _until_delivered(events: Sequence[EventT]) -> None:
+        # faust acknowledges the events of a batch even when the agent raises on them, and
+        # commits them at the next commit: a failed batch must be retried, never passed over.
+        delay_s = RETRY_FIRST_DELAY_S
+        while True:
+            try:
+                await process_and_deliver(events, processor.process, table, recommendations_topic, dead_letter_topic)
+                return
+            except Exception:
+                metrics.batch_failures.inc()
+                partitions = sorted({event.message.partition for event in events})
+                log.exception(
+                    "batch of %d events from partitions %s failed; retrying in %.0f s (their offsets stay uncommitted until it succeeds)",
+                    len(events), partitions, delay_s,
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S)
 
     app.agent(events_topic, name="apply-events")(apply_events)
 
@@ -194,7 +241,7 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         app.timer(interval=settings.model_poll_s, name="reload-model")(reloader.check)
 
     _add_web_views(app, settings, processor, metrics, table)
-    return Components(app=app, settings=settings, processor=processor, metrics=metrics, table=table)
+    return Components(app=app, settings=settings, processor=processor, metrics=metrics, table=table, tracker=tracker)
 
 
 class ModelReloader:

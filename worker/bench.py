@@ -50,7 +50,7 @@ import numpy as np
 
 from devkit.broker import BrokerError, EmbeddedBroker
 from devkit.replay import KafkaMessage, event_message, interaction_events, replay_messages
-from devkit.worker_process import WorkerProcess
+from devkit.worker_process import WorkerProcess, worker_env
 from export.data import DatasetError
 from worker.bench_apps import SCORE_EVERY_STEP, SCORE_LAST_STEP
 from worker.config import Settings
@@ -351,27 +351,12 @@ def variant_settings(variant: Variant, bootstrap: str, bundle_dir: Path, work_di
     )
 
 
-def settings_env(settings: Settings, extra: dict[str, str]) -> dict[str, str]:
-    env = {
-        "STREAMREC_BUNDLE_DIR": str(settings.bundle_dir),
-        "STREAMREC_BROKER": settings.broker,
-        "STREAMREC_APP_ID": settings.app_id,
-        "STREAMREC_EVENTS_TOPIC": settings.events_topic,
-        "STREAMREC_RECOMMENDATIONS_TOPIC": settings.recommendations_topic,
-        "STREAMREC_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-        "STREAMREC_PARTITIONS": str(settings.partitions),
-        "STREAMREC_STATE_DIR": str(settings.state_dir),
-        "STREAMREC_CREATE_TOPICS": "false",
-    }
-    return {**env, **extra}
-
-
 def start_variant(variant: Variant, bootstrap: str, bundle_dir: Path, work_dir: Path, partitions: int) -> VariantRun:
     settings = variant_settings(variant, bootstrap, bundle_dir, work_dir, partitions)
     create_worker_topics(settings)
     # faust creates the state directory without its parents.
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    process = VariantProcess(variant.command, settings_env(settings, variant.env), work_dir / f"{settings.app_id}.log")
+    process = VariantProcess(variant.command, {**worker_env(settings), **variant.env}, work_dir / f"{settings.app_id}.log")
     return VariantRun(variant, settings, process.start())
 
 

@@ -7,20 +7,18 @@
 Both read the same STREAMREC_* settings as the worker (broker, topics, partitions, data
 directory, web port, batching, recent items, model bundle) and serve /metrics and /readyz
 in the worker's format, so the benchmark drives them exactly like `python -m worker`.
-Their faust settings copy those of worker/app.py.
+Their faust settings are the worker's (worker.app.build_faust_app).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import logging.config
 import struct
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -141,7 +139,7 @@ class Recomputer:
         self._event_types = frozenset(model.event_types)
 
     def process(self, messages: Sequence[InputMessage], store: StateStore) -> BatchResult:
-        """Apply one partition's batch: one recommendation per valid event, and the new histories.
+        """Apply a batch: one recommendation per valid event, and the new histories.
 
         As with the worker's Processor, the caller writes the histories (result.write_states)
         once the recommendations are delivered.
@@ -271,33 +269,12 @@ def create_bench_app(kind: str, settings: Settings, metrics: WorkerMetrics, reco
     """Build the faust app `kind`; the recompute app needs `recomputer`. Nothing connects until it starts."""
     if kind == RECOMPUTE and recomputer is None:
         raise ValueError("the recompute app needs a Recomputer")
-    import faust
+    from worker.app import RAW, build_faust_app, process_and_deliver
 
-    from worker.app import RAW, _set_fetch_max_wait, _TableStore, to_input_message
-
-    _set_fetch_max_wait(settings.fetch_max_wait_ms)
-    app = faust.App(
-        settings.app_id,
-        broker=settings.broker,
-        store="rocksdb://",
-        datadir=str(settings.state_dir),
-        web_host=settings.web_host,
-        web_port=settings.web_port,
-        web_enabled=True,
-        processing_guarantee="at_least_once",
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
-        topic_allow_declare=True,
-        broker_commit_interval=settings.commit_interval_s,
-        table_standby_replicas=0,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        producer_max_batch_size=settings.producer_max_batch_bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
+    app = build_faust_app(settings)
     events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **RAW)
     output_topic = app.topic(settings.recommendations_topic, **RAW)
+    dead_letter_topic = app.topic(settings.dead_letter_topic, **RAW)
     table = app.Table(settings.state_table, partitions=settings.partitions, **RAW)
 
     async def pass_through(stream: Any) -> None:
@@ -315,19 +292,7 @@ def create_bench_app(kind: str, settings: Settings, metrics: WorkerMetrics, reco
 
     async def recompute(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_max_ms / 1000):
-            by_partition: dict[int, list[Any]] = defaultdict(list)
-            for event in events:
-                by_partition[event.message.partition].append(event)
-            for partition_events in by_partition.values():
-                lookup = {(e.message.partition, e.message.offset): e for e in partition_events}
-                messages = [to_input_message(e) for e in partition_events]
-                store = _TableStore(table, lookup)
-                result = recomputer.process(messages, store)
-
-                # As in worker/app.py: the histories are written once the outputs are acknowledged.
-                deliveries = [await output_topic.send(key=output.key, value=output.value) for output in result.recommendations]
-                await asyncio.gather(*deliveries)
-                result.write_states(store)
+            await process_and_deliver(events, recomputer.process, table, output_topic, dead_letter_topic)
 
     agent = pass_through if kind == PASSTHROUGH else recompute
     app.agent(events_topic, name=f"bench-{kind}")(agent)

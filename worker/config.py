@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,14 @@ class Settings:
         16384,
         "Largest record batch the producer sends per partition, in bytes; 1 sends one record per batch.",
     )
+    producer_linger_ms: float = _setting(
+        5.0,
+        "Milliseconds the producer waits to gather more outputs into one request; 0 sends at once.",
+    )
+    shutdown_timeout_s: float = _setting(
+        30.0,
+        "Seconds from SIGTERM to exit: finish the fetched events, write the table, commit. Past it the worker exits with status 1.",
+    )
     commit_interval_s: float = _setting(1.0, "Seconds between consumer offset commits.")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.", ("debug", "info", "warning", "error"))
     log_format: str = _setting("text", "text for people, json for one JSON object per line.", ("text", "json"))
@@ -105,8 +114,22 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"invalid {ENV_PREFIX}{name.upper()}={getattr(self, name)}: must be at least 1")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"invalid {ENV_PREFIX}{f.name.upper()}={value}: expected a finite number")
+        if self.producer_linger_ms < 0:
+            raise SettingsError(f"invalid {ENV_PREFIX}PRODUCER_LINGER_MS={self.producer_linger_ms}: must be >= 0")
+        for url in self.broker.split(","):
+            host_port = url.strip().removeprefix("kafka://")
+            if not url.strip().startswith("kafka://") or ":" not in host_port or not host_port.rpartition(":")[2].isdigit():
+                raise SettingsError(
+                    f"invalid {ENV_PREFIX}BROKER={self.broker!r}: expected kafka://HOST:PORT, several separated by commas"
+                )
         if self.model_poll_s < 0:
             raise SettingsError(f"invalid {ENV_PREFIX}MODEL_POLL_S={self.model_poll_s}: must be >= 0 (0 turns reloading off)")
+        if self.shutdown_timeout_s <= 0:
+            raise SettingsError(f"invalid {ENV_PREFIX}SHUTDOWN_TIMEOUT_S={self.shutdown_timeout_s}: must be > 0")
         if self.batch_max_ms < 0 or self.commit_interval_s <= 0:
             raise SettingsError(
                 f"invalid timing: {ENV_PREFIX}BATCH_MAX_MS={self.batch_max_ms} must be >= 0 and "

@@ -50,6 +50,11 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_failures = Counter(
+            "streamrec_batch_failures_total",
+            "Batches that raised while being processed or delivered; each is retried until it succeeds.",
+            registry=r,
+        )
         self.model_info = Info("streamrec_model", "The model bundle being served.", registry=r)
         self.table_keys = Gauge("streamrec_table_users", "User states held in the local table.", registry=r)
         self.consumer_lag = Gauge(

@@ -39,6 +39,13 @@ def test_env_values_are_parsed_by_type():
         ("STREAMREC_EMIT", "sometimes", "expected one of every_event, coalesce"),
         ("STREAMREC_CREATE_TOPICS", "maybe", "expected true or false"),
         ("STREAMREC_WEB_PORT", "70000", "expected a TCP port"),
+        ("STREAMREC_MODEL_POLL_S", "nan", "expected a finite number"),
+        ("STREAMREC_BATCH_MAX_MS", "inf", "expected a finite number"),
+        ("STREAMREC_PRODUCER_LINGER_MS", "-1", "must be >= 0"),
+        ("STREAMREC_SHUTDOWN_TIMEOUT_S", "0", "must be > 0"),
+        ("STREAMREC_BROKER", "127.0.0.1:9092", "expected kafka://HOST:PORT"),
+        ("STREAMREC_BROKER", "kafka://127.0.0.1", "expected kafka://HOST:PORT"),
+        ("STREAMREC_BROKER", "kafka://127.0.0.1:1,", "expected kafka://HOST:PORT"),
     ],
 )
 def test_invalid_env_value_names_variable_and_value(name, value, expected):
@@ -64,3 +71,19 @@ def test_every_field_has_env_name_and_help():
     for name in names:
         assert name.startswith("STREAMREC_")
         assert name in described
+
+
+def test_faust_env_variables_ignored(monkeypatch, tmp_path):
+    from worker.app import build_faust_app
+
+    # faust reads these; Kubernetes service links define variables of the same form.
+    monkeypatch.setenv("WEB_PORT", "tcp://10.0.0.1:80")
+    monkeypatch.setenv("BROKER_URL", "kafka://10.0.0.1:9092")
+    monkeypatch.setenv("PRODUCER_LINGER", "9")
+    settings = Settings.from_env({"STREAMREC_WEB_PORT": "7001", "STREAMREC_STATE_DIR": str(tmp_path)})
+
+    conf = build_faust_app(settings).conf
+
+    assert conf.web_port == 7001
+    assert [str(url) for url in conf.broker] == ["kafka://127.0.0.1:9092"]
+    assert conf.producer_linger == settings.producer_linger_ms / 1000
