@@ -43,6 +43,12 @@ def test_config_has_pod_settings(overlay: Overlay) -> None:
     assert config["STREAMREC_BROKER"].startswith("kafka://")
 
 
+def test_shutdown_ends_before_the_grace_period(overlay: Overlay) -> None:
+    grace_s = overlay.one("StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+    assert _settings(overlay).shutdown_timeout_s < grace_s, "the kubelet would SIGKILL a worker that is still shutting down"
+
+
 def test_keda_max_replicas_equals_partitions(overlay: Overlay) -> None:
     spec = overlay.one("ScaledObject")["spec"]
 
