@@ -7,7 +7,7 @@ import json
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import faust
 from faust.streams import _current_event
@@ -16,6 +16,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.config import Settings
+from worker.expiry import StateExpiry
 from worker.metrics import WorkerMetrics
 from worker.model import BundleError, StepModel, load_bundle
 from worker.processor import BatchResult, InputMessage, Processor, StateStore
@@ -66,6 +67,14 @@ class _TableStore:
     def put(self, user_id: str, value: bytes, message: InputMessage) -> None:
         self._enter(message)
         self.table[user_id.encode("utf-8")] = value
+
+    def delete(self, user_id: str, message: InputMessage) -> None:
+        self._enter(message)
+        del self.table[user_id.encode("utf-8")]
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Return every state of the partitions assigned to this worker."""
+        return iter(self.table.data.items())
 
 
 def to_input_message(event: EventT) -> InputMessage:
@@ -188,6 +197,7 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
     processed_offsets: dict[int, int] = {}  # input partition -> last processed offset, for the lag gauge
     # A pause longer than a few batch windows means the agent has nothing left to do.
     tracker = BatchTracker(quiet_s=max(0.5, 5 * settings.batch_max_ms / 1000))
+    expiry = StateExpiry(settings.state_ttl_s, settings.state_sweep_interval_s, metrics) if settings.state_ttl_s > 0 else None
 
     async def apply_events(stream: StreamT) -> None:
         # One batch contains events of every assigned partition: the fewer, larger batches, the
@@ -197,6 +207,8 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
             tracker.started()
             try:
                 await _until_delivered(events)
+                if expiry is not None:
+                    _expire_idle_users(events)
             finally:
                 tracker.finished()
             for event in events:
@@ -220,6 +232,16 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
                 )
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S)
+
+    def _expire_idle_users(events: Sequence[EventT]) -> None:
+        # A partition's deletes need one of its events as faust's current event.
+        first_of_partition: dict[int, EventT] = {}
+        for event in events:
+            first_of_partition.setdefault(event.message.partition, event)
+        due = expiry.due(to_input_message(event) for event in first_of_partition.values())
+        if due:
+            lookup = {(event.message.partition, event.message.offset): event for event in first_of_partition.values()}
+            expiry.sweep(_TableStore(table, lookup), due)
 
     app.agent(events_topic, name="apply-events")(apply_events)
 

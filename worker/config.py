@@ -76,6 +76,15 @@ class Settings:
         5.0,
         "Milliseconds the producer waits to gather more outputs into one request; 0 sends at once.",
     )
+    out_of_order_tolerance_ms: int = _setting(
+        86_400_000,
+        "An event older than its user's last applied event by more than this goes to the dead-letter topic (reason out_of_order).",
+    )
+    state_ttl_s: float = _setting(
+        0.0,
+        "Seconds of event time after which an idle user's state is deleted, with a changelog tombstone; 0 keeps every state.",
+    )
+    state_sweep_interval_s: float = _setting(300.0, "Seconds between two sweeps of a partition for idle users.")
     shutdown_timeout_s: float = _setting(
         30.0,
         "Seconds from SIGTERM to exit: finish the fetched events, write the table, commit. Past it the worker exits with status 1.",
@@ -111,6 +120,8 @@ class Settings:
             "partitions", "replication_factor", "batch_max_events", "recent_items", "ort_threads", "max_event_bytes", "fetch_max_wait_ms",
             "producer_max_batch_bytes",
         )
+        if self.out_of_order_tolerance_ms < 0:
+            raise SettingsError(f"invalid {ENV_PREFIX}OUT_OF_ORDER_TOLERANCE_MS={self.out_of_order_tolerance_ms}: must be >= 0")
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"invalid {ENV_PREFIX}{name.upper()}={getattr(self, name)}: must be at least 1")
@@ -128,6 +139,11 @@ class Settings:
                 )
         if self.model_poll_s < 0:
             raise SettingsError(f"invalid {ENV_PREFIX}MODEL_POLL_S={self.model_poll_s}: must be >= 0 (0 turns reloading off)")
+        if self.state_ttl_s < 0 or self.state_sweep_interval_s <= 0:
+            raise SettingsError(
+                f"invalid expiry: {ENV_PREFIX}STATE_TTL_S={self.state_ttl_s} must be >= 0 (0 keeps every state) and "
+                f"{ENV_PREFIX}STATE_SWEEP_INTERVAL_S={self.state_sweep_interval_s} must be > 0"
+            )
         if self.shutdown_timeout_s <= 0:
             raise SettingsError(f"invalid {ENV_PREFIX}SHUTDOWN_TIMEOUT_S={self.shutdown_timeout_s}: must be > 0")
         if self.batch_max_ms < 0 or self.commit_interval_s <= 0:

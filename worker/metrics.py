@@ -50,6 +50,9 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.states_expired = Counter(
+            "streamrec_states_expired_total", "User states deleted after idling longer than STREAMREC_STATE_TTL_S.", registry=r
+        )
         self.batch_failures = Counter(
             "streamrec_batch_failures_total",
             "Batches that raised while being processed or delivered; each is retried until it succeeds.",
