@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging.config
+import signal
 import sys
 
 from worker.config import ENV_PREFIX, Settings, SettingsError
@@ -49,7 +50,12 @@ def _run(settings: Settings, model) -> int:
     from worker.app import create_app
     from worker.create_topics import create_worker_topics
     from worker.shutdown import GracefulWorker
-    from worker.topics import TopicSetupError
+    from worker.topics import TopicSetupError, wait_for_broker
+
+    # Until faust installs its own handlers, SIGTERM ends the wait with status 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    wait_for_broker(settings.bootstrap_servers)
+    signal.signal(signal.SIGTERM, previous)
 
     if settings.create_topics:
         try:

@@ -123,14 +123,19 @@ def movielens_events(data: str | None, limit: int | None) -> tuple[list[dict[str
 
 def repeated(events: list[dict[str, Any]], repeat: int) -> list[dict[str, Any]]:
     """Append `repeat - 1` copies with new event ids and later timestamps, so the worker applies them again."""
-    if repeat == 1:
-        return list(events)
-    span_ms = events[-1]["timestamp"] - events[0]["timestamp"] + 1
     copies = list(events)
     for round_index in range(1, repeat):
-        for event in events:
-            copies.append({**event, "event_id": f"{event['event_id']}#{round_index}", "timestamp": event["timestamp"] + round_index * span_ms})
+        copies += [_in_round(event, round_index, _span_ms(events)) for event in events]
     return copies
+
+
+def _span_ms(events: list[dict[str, Any]]) -> int:
+    return events[-1]["timestamp"] - events[0]["timestamp"] + 1
+
+
+def _in_round(event: dict[str, Any], round_index: int, span_ms: int) -> dict[str, Any]:
+    """Return `event` as replayed in round `round_index`: a new id, and a timestamp `round_index` spans later."""
+    return {**event, "event_id": f"{event['event_id']}#{round_index}", "timestamp": event["timestamp"] + round_index * span_ms}
 
 
 def synthetic_item_ids(items: int) -> list[str]:
@@ -166,10 +171,17 @@ def synthetic_events(count: int, users: int, items: int, seed: int) -> list[dict
     ]
 
 
-def paced_messages(base_events: list[dict[str, Any]], count: int) -> list[KafkaMessage]:
-    """Return `count` events taken from the start of the stream, with new ids so the worker applies them."""
-    cycle = [base_events[index % len(base_events)] for index in range(count)]
-    return [event_message({**event, "event_id": f"{event['event_id']}#paced{index}"}) for index, event in enumerate(cycle)]
+def paced_messages(base_events: list[dict[str, Any]], count: int, first_round: int) -> list[KafkaMessage]:
+    """Return `count` events that continue the stream after round `first_round - 1` of `repeated`.
+
+    New ids make the worker apply them, and later timestamps keep each user's events in time
+    order, so none is rejected as out of order.
+    """
+    span_ms = _span_ms(base_events)
+    return [
+        event_message(_in_round(base_events[index % len(base_events)], first_round + index // len(base_events), span_ms))
+        for index in range(count)
+    ]
 
 
 # -- model bundle ---------------------------------------------------------------------------
@@ -624,6 +636,7 @@ def _rounded(value: Any) -> Any:
 class Plan:
     backlog: list[KafkaMessage]
     base_events: list[dict[str, Any]]
+    repeat: int  # rounds of base_events in the backlog
     stream: str
     item_ids: list[str]
     variants: tuple[Variant, ...]
@@ -678,7 +691,7 @@ def _measure_all(runs: list[VariantRun], probe: BrokerProbe, plan: Plan) -> None
             measure_backlog(run, probe, plan.backlog, neighbours, plan.stall_timeout_s)
             if paced_rate is None:
                 paced_rate = _paced_rate_from(run)
-            paced = paced_messages(plan.base_events, max(1, round(paced_rate * plan.paced_seconds)))
+            paced = paced_messages(plan.base_events, max(1, round(paced_rate * plan.paced_seconds)), first_round=plan.repeat)
             measure_paced(run, probe, paced, paced_rate, plan.stall_timeout_s)
         except VariantFailed as exc:
             run.failure = str(exc)
@@ -779,7 +792,7 @@ def _build_plan(args: argparse.Namespace) -> Plan:
     paced_seconds = args.paced_seconds
     if paced_seconds is None:
         paced_seconds = QUICK_PACED_SECONDS if args.quick else PACED_SECONDS
-    return Plan(backlog, base, stream, item_ids, variants, paced_seconds, args.paced_rate, args.partitions, args.stall_timeout)
+    return Plan(backlog, base, args.repeat, stream, item_ids, variants, paced_seconds, args.paced_rate, args.partitions, args.stall_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

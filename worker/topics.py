@@ -54,6 +54,30 @@ def ensure_topics(
     return created
 
 
+def wait_for_broker(bootstrap: str, *, first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> int:
+    """Block until a broker at `bootstrap` answers a metadata request; return how many brokers the cluster has.
+
+    Each failed attempt logs a warning with the address and the next delay, which doubles up
+    to `max_delay_s`. faust itself exits when its first connection fails, so a worker that
+    starts before its broker (a new cluster, a broker restart) waits here instead.
+    """
+    delay_s = first_delay_s
+    attempt = 1
+    while True:
+        admin = AdminClient({"bootstrap.servers": bootstrap, "allow.auto.create.topics": False})
+        try:
+            brokers = len(admin.list_topics(timeout=5).brokers)
+        except KafkaException as exc:
+            log.warning("broker unreachable at %s (attempt %d): %s; retrying in %.0f s", bootstrap, attempt, exc.args[0], delay_s)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, max_delay_s)
+            attempt += 1
+            continue
+        if attempt > 1:
+            log.info("broker reachable at %s after %d attempts", bootstrap, attempt)
+        return brokers
+
+
 def _check_request(topics: dict[str, int], replication_factor: int) -> None:
     bad = {name: count for name, count in topics.items() if not isinstance(count, int) or count < 1}
     if bad:

@@ -144,14 +144,19 @@ def test_repeated_stream_gets_new_ids_and_later_times():
     assert [event["timestamp"] for event in copies] == sorted(event["timestamp"] for event in copies)
 
 
-def test_paced_messages_cycle_with_new_ids():
+def test_paced_messages_continue_after_backlog():
     events = user_events("erin", ["1", "2"], first_id=0)
+    backlog = repeated(events, 2)
 
-    messages = paced_messages(events, 5)
+    messages = paced_messages(events, 5, first_round=2)
 
-    ids = [json.loads(value)["event_id"] for _, value in messages]
+    bodies = [json.loads(value) for _, value in messages]
+    ids = [body["event_id"] for body in bodies]
+    timestamps = [body["timestamp"] for body in bodies]
     assert len(set(ids)) == 5
-    assert not set(ids) & {event["event_id"] for event in events}
+    assert not set(ids) & {event["event_id"] for event in backlog}
+    assert min(timestamps) > max(event["timestamp"] for event in backlog)
+    assert timestamps == sorted(timestamps)
 
 
 def test_ratios_of_missing_variant_are_none():
