@@ -77,6 +77,38 @@ class _TableStore:
         return iter(self.table.data.items())
 
 
+class StateTable(faust.Table):
+    """A faust.Table whose changelog records can be awaited until the broker acknowledges them.
+
+    With at_least_once, faust-streaming 0.15.3 commits offsets after Producer.flush(), which
+    returns once no buffered record has gone to aiokafka for 0.1 s and does not wait for the
+    record being handed over. So an offset can be committed while the changelog record of a
+    state written for an earlier event is still unsent. After a SIGKILL at that moment the
+    event is not redelivered, and a worker that recovers from the changelog misses the state.
+    The agent therefore waits for these records before faust acknowledges its events.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Acknowledged sends drop out at once; failed ones stay until wait_changelog_delivered raises.
+        self._unacknowledged: set[asyncio.Future] = set()
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        future = super().send_changelog(*args, **kwargs)
+        self._unacknowledged.add(future)
+        future.add_done_callback(self._forget_acknowledged)
+        return future
+
+    def _forget_acknowledged(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._unacknowledged.discard(future)
+
+    async def wait_changelog_delivered(self) -> None:
+        """Wait until the broker has acknowledged every changelog record sent so far; raise the first send error."""
+        pending, self._unacknowledged = self._unacknowledged, set()
+        await asyncio.gather(*pending)
+
+
 def to_input_message(event: EventT) -> InputMessage:
     message = event.message
     return InputMessage(
@@ -148,6 +180,7 @@ def build_faust_app(settings: Settings) -> faust.App:
         producer_linger=settings.producer_linger_ms / 1000,
         key_serializer="raw",
         value_serializer="raw",
+        Table=StateTable,
         # faust reads environment variables such as WEB_PORT and BROKER_URL, and they win
         # over the arguments above. Kubernetes defines variables of that form for services
         # (a service named "web" gives WEB_PORT=tcp://...), so faust gets an empty environment
@@ -167,7 +200,8 @@ async def process_and_deliver(
 
     States are written only after every output is acknowledged: after a crash in between,
     the redelivered events are applied again and their outputs repeated, instead of being
-    skipped as already applied with their outputs lost.
+    skipped as already applied with their outputs lost. It returns once the broker has
+    acknowledged the states' changelog records, so `table` must be a StateTable.
     """
     lookup = {(event.message.partition, event.message.offset): event for event in events}
     store = _TableStore(table, lookup)
@@ -180,6 +214,8 @@ async def process_and_deliver(
         deliveries.append(await recommendations_topic.send(key=recommendation.key, value=recommendation.value))
     await asyncio.gather(*deliveries)
     result.write_states(store)
+    # faust may commit these events' offsets before their changelog records are sent (see StateTable).
+    await table.wait_changelog_delivered()
     return result
 
 
