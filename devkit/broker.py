@@ -86,6 +86,10 @@ class EmbeddedBroker:
 
     ``start()`` returns once the broker responds to Kafka metadata requests. Its output goes
     to ``log_path``; without one, it goes to a temporary file that ``stop()`` deletes.
+
+    Clients use the address the broker advertises in its metadata for every request after
+    the first. ``advertised_port`` makes that 127.0.0.1:``advertised_port`` instead of the
+    listening port, so that a proxy there (devkit.tcp_proxy) carries all their traffic.
     """
 
     def __init__(
@@ -96,11 +100,15 @@ class EmbeddedBroker:
         log_path: Path | None = None,
         startup_timeout_s: float = 30.0,
         stop_grace_s: float = 5.0,
+        advertised_port: int | None = None,
     ) -> None:
         if port is not None and not 1 <= port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {port}")
+        if advertised_port is not None and not 1 <= advertised_port <= 65535:
+            raise ValueError(f"advertised_port must be in 1..65535, got {advertised_port}")
         self._fixed_port = port
         self.port = port if port is not None else free_port()
+        self.advertised_port = advertised_port
         self._binary = binary
         self._log_path = Path(log_path) if log_path is not None else None
         self._owns_log = False
@@ -112,6 +120,11 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         """The bootstrap address for Kafka clients, ``127.0.0.1:PORT``."""
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def advertised_bootstrap(self) -> str:
+        """The address the broker advertises in its metadata: ``bootstrap`` unless advertised_port is set."""
+        return f"{LOOPBACK}:{self.advertised_port}" if self.advertised_port is not None else self.bootstrap
 
     @property
     def log_path(self) -> Path | None:
@@ -176,11 +189,10 @@ class EmbeddedBroker:
             return "".join(deque(handle, maxlen=lines))
 
     def _launch(self, binary: str) -> None:
-        url = f"tcp://{self.bootstrap}"
         command = [
             binary, "broker",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--listener-url", f"tcp://{self.bootstrap}",
+            "--advertised-listener-url", f"tcp://{self.advertised_bootstrap}",
             "--storage-engine", "memory://tansu/",
         ]
         environment = {name: value for name, value in os.environ.items() if name not in _TANSU_ENV_VARS}
