@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import load_validator
-from worker.dead_letters import MAX_DETAIL_CHARS, REASONS, build_dead_letter, parse_dead_letter
+from worker.dead_letters import MAX_DETAIL_CHARS, MAX_KEPT_BYTES, REASONS, build_dead_letter, parse_dead_letter
 
 VALIDATOR = load_validator("dead_letter")
 
@@ -85,6 +86,19 @@ def test_detail_with_lone_surrogate_stays_utf8() -> None:
 
     envelope.decode("utf-8")
     assert json.loads(envelope)["detail"] == "bad \ud800 id"
+
+
+def test_huge_value_kept_as_prefix_with_size_and_hash() -> None:
+    value = bytes(range(256)) * 3600  # 921,600 bytes: a 1 MiB message once base64-encoded in full
+
+    data = build_dead_letter(b"u1", value, "user-events", 0, 7, 1, "oversized", "too large")
+
+    envelope = json.loads(data)
+    assert len(data) < 1024 * 1024 // 2
+    assert list(load_validator("dead_letter").iter_errors(envelope)) == []
+    assert envelope["value_truncated"] == {"size": len(value), "sha256": hashlib.sha256(value).hexdigest()}
+    assert parse_dead_letter(data).value == value[:MAX_KEPT_BYTES]
+    assert "key_truncated" not in envelope
 
 
 def test_unknown_reason_raises() -> None:

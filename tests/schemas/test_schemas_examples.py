@@ -12,6 +12,36 @@ from worker.dead_letters import REASONS
 from worker.events import KNOWN_EVENT_TYPES, InvalidEvent, decode_event
 
 MIN_EXAMPLES = {"event": (4, 6), "recommendation": (2, 3), "dead_letter": (2, 3)}
+# The reason code the decoder gives each invalid event example.
+EXPECTED_REASONS = {
+    "invalid-boolean-user-id.json": "user_id_wrong_type",
+    "invalid-control-char-in-user-id.json": "user_id_invalid_character",
+    "invalid-decoder-only-february-30.json": "timestamp_nonexistent_date",
+    "invalid-decoder-only-offset-before-epoch.json": "timestamp_before_1970",
+    "invalid-decoder-only-unknown-event-type.json": "unknown_event_type",
+    "invalid-empty-user-id.json": "empty_user_id",
+    "invalid-empty.txt": "empty_value",
+    "invalid-event-type-number.json": "event_type_wrong_type",
+    "invalid-event-type-uppercase.json": "invalid_event_type",
+    "invalid-fractional-item-id.json": "item_id_not_an_integer",
+    "invalid-id-too-long.json": "event_id_too_long",
+    "invalid-lone-surrogate-in-item-id.json": "item_id_invalid_character",
+    "invalid-missing-item-id.json": "missing_item_id",
+    "invalid-nan-literal.txt": "json_non_finite_number",
+    "invalid-negative-item-id.json": "item_id_out_of_range",
+    "invalid-not-an-object.json": "not_an_object",
+    "invalid-timestamp-epoch-ms-year-3000.json": "timestamp_after_2999",
+    "invalid-timestamp-leap-second.json": "timestamp_nonexistent_time",
+    "invalid-timestamp-negative.json": "timestamp_before_1970",
+    "invalid-timestamp-no-offset.json": "timestamp_unparseable",
+    "invalid-timestamp-words.json": "timestamp_unparseable",
+    "invalid-timestamp-year-3000.json": "timestamp_after_2999",
+    "invalid-trailing-newline-in-event-type.json": "invalid_event_type",
+    "invalid-truncated-json.txt": "invalid_json",
+    "invalid-utf8.txt": "invalid_utf8",
+    "invalid-value-overflow.json": "value_out_of_range",
+    "invalid-value-string.json": "value_wrong_type",
+}
 
 
 def _reject_constant(name: str) -> None:
@@ -29,7 +59,7 @@ def schema_accepts(name: str, data: bytes) -> bool:
 
 def decoder_accepts(data: bytes, event_types: frozenset[str] = KNOWN_EVENT_TYPES) -> bool:
     try:
-        decode_event(None, data, event_types=event_types)
+        decode_event(None, data, event_types=event_types, require_key=False)
     except InvalidEvent:
         return False
     return True
@@ -89,10 +119,10 @@ def test_decoder_only_examples_exist_for_each_gap() -> None:
     for entry in example_files("event"):
         if entry.name.startswith(DECODER_ONLY_PREFIX):
             with pytest.raises(InvalidEvent) as caught:
-                decode_event(None, entry.read_bytes(), event_types=KNOWN_EVENT_TYPES)
+                decode_event(None, entry.read_bytes(), event_types=KNOWN_EVENT_TYPES, require_key=False)
             reasons.add(caught.value.reason)
 
-    assert reasons == {"unknown_event_type", "invalid_timestamp"}
+    assert reasons == {"unknown_event_type", "timestamp_nonexistent_date", "timestamp_before_1970"}
 
 
 def test_unknown_type_example_decodes_once_configured() -> None:
@@ -104,21 +134,44 @@ def test_unknown_type_example_decodes_once_configured() -> None:
     assert decoder_accepts(data, KNOWN_EVENT_TYPES | {event_type})
 
 
-def test_invalid_event_examples_have_reason_codes() -> None:
-    for entry in example_files("event"):
-        if entry.name.startswith("valid-"):
-            continue
-        with pytest.raises(InvalidEvent) as caught:
-            decode_event(None, entry.read_bytes(), event_types=KNOWN_EVENT_TYPES)
+@pytest.mark.parametrize("entry", [entry for entry in _examples("event") if not entry.id.startswith("valid-")])
+def test_invalid_event_example_reason(entry) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        decode_event(None, entry.read_bytes(), event_types=KNOWN_EVENT_TYPES, require_key=False)
 
-        assert caught.value.reason in REASONS, entry.name
-        assert caught.value.detail, entry.name
+    assert caught.value.reason == EXPECTED_REASONS[entry.name]
+    assert caught.value.reason in REASONS
+    assert caught.value.detail
 
 
-def test_dead_letter_reason_enum_matches_code() -> None:
-    schema = load_schema("dead_letter")
+def test_expected_reasons_cover_every_invalid_example() -> None:
+    invalid = {entry.name for entry in example_files("event") if not entry.name.startswith("valid-")}
 
-    assert set(schema["properties"]["reason"]["enum"]) == REASONS
+    assert set(EXPECTED_REASONS) == invalid
+
+
+def _schema_reasons() -> list[dict]:
+    return load_schema("dead_letter")["properties"]["reason"]["oneOf"]
+
+
+def test_dead_letter_reasons_match_code() -> None:
+    codes = [option["const"] for option in _schema_reasons()]
+
+    assert len(codes) == len(set(codes)), "a reason code is listed twice in the schema"
+    assert set(codes) == REASONS
+
+
+@pytest.mark.parametrize("option", _schema_reasons(), ids=lambda option: option["const"])
+def test_dead_letter_reason_described(option: dict) -> None:
+    assert set(option) == {"const", "description"}
+    assert len(option["description"].split()) >= 4
+
+
+def test_dead_letter_schema_rejects_unlisted_reason() -> None:
+    example = json.loads(next(e for e in example_files("dead_letter") if e.name == "valid-invalid-json.json").read_bytes())
+
+    assert load_validator("dead_letter").is_valid(example)
+    assert not load_validator("dead_letter").is_valid({**example, "reason": "invalid_field"})
 
 
 def test_event_schema_lists_known_types() -> None:

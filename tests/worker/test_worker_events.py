@@ -28,7 +28,9 @@ def _encode(document) -> bytes:
 
 
 def _decode(document=None, *, key: bytes | None = None, raw: bytes | None = None, **kwargs) -> Event:
+    """Decode an event built from BASE; without a key, the key check is left out."""
     data = raw if raw is not None else _encode({**BASE, **(document or {})})
+    kwargs.setdefault("require_key", key is not None)
     return decode_event(key, data, event_types=kwargs.pop("event_types", KNOWN_EVENT_TYPES), **kwargs)
 
 
@@ -141,11 +143,14 @@ def test_payload_at_size_limit_accepted() -> None:
         (b'{"event_id": "\xed\xa0\x80"}', "invalid_utf8", "byte 14"),  # a UTF-8 encoded surrogate
         (b"{", "invalid_json", "not valid JSON"),
         (b'{"a": 1} {"b": 2}', "invalid_json", "Extra data"),
-        (b'{"value": NaN}', "invalid_json", "NaN"),
-        (b'{"value": -Infinity}', "invalid_json", "-Infinity"),
         (b"\xef\xbb\xbf{}", "invalid_json", "BOM"),
-        (b"[" * 50_000 + b"]" * 50_000, "invalid_json", "nested too deeply"),
-        (b'{"event_id": ' + b"9" * 5000 + b"}", "invalid_json", "digits"),
+        (b'{"value": NaN}', "json_non_finite_number", "NaN"),
+        (b'{"value": -Infinity}', "json_non_finite_number", "-Infinity"),
+        (b'{"extra": [Infinity]}', "json_non_finite_number", "Infinity"),
+        (b"[" * 50_000 + b"]" * 50_000, "json_too_deep", "nested too deeply"),
+        (b'{"event_id": ' + b"9" * 5000 + b"}", "json_number_too_long", "digits"),
+        (b'{"user_id": "a", "user_id": "b"}', "duplicate_json_key", '"user_id" twice'),
+        (b'{"extra": {"k": 1, "k": 2}}', "duplicate_json_key", '"k" twice'),
         (b"[1, 2]", "not_an_object", "array"),
         (b'"text"', "not_an_object", "string"),
         (b"null", "not_an_object", "null"),
@@ -163,7 +168,7 @@ def test_null_value_rejected() -> None:
     with pytest.raises(InvalidEvent) as caught:
         decode_event(b"u-1", None, event_types=KNOWN_EVENT_TYPES)
 
-    assert caught.value.reason == "empty_value"
+    assert caught.value.reason == "null_value"
     assert "tombstone" in caught.value.detail
 
 
@@ -172,6 +177,7 @@ def test_payload_over_size_limit_rejected() -> None:
 
     assert error.reason == "oversized"
     assert "the limit is 1000 bytes" in error.detail
+    assert "STREAMREC_MAX_EVENT_BYTES" in error.detail
 
 
 @pytest.mark.parametrize("name", ["event_id", "user_id", "item_id", "event_type", "timestamp"])
@@ -179,40 +185,47 @@ def test_missing_field_rejected(name: str) -> None:
     data = _encode({field: value for field, value in BASE.items() if field != name})
     error = _rejection(raw=data)
 
-    assert error.reason == "missing_field"
+    assert error.reason == f"missing_{name}"
     assert repr(name) in error.detail
 
 
 @pytest.mark.parametrize(
     ("document", "reason", "detail_part"),
     [
-        ({"event_id": ""}, "invalid_field", "'event_id' is \"\""),
-        ({"event_id": 7}, "invalid_field", "'event_id' is 7 (number); expected a non-empty string"),
-        ({"user_id": ""}, "invalid_field", "'user_id'"),
-        ({"user_id": True}, "invalid_field", "true (boolean)"),
-        ({"user_id": None}, "invalid_field", "null (null)"),
-        ({"user_id": -1}, "invalid_field", "integer in [0, 9223372036854775807]"),
-        ({"user_id": 2**63}, "invalid_field", "9223372036854775808"),
-        ({"user_id": 1.5}, "invalid_field", "1.5"),
-        ({"user_id": 1e300}, "invalid_field", "1e+300"),
-        ({"item_id": ["i-1"]}, "invalid_field", "(array)"),
-        ({"item_id": {"id": 1}}, "invalid_field", "(object)"),
-        ({"user_id": "u\x001"}, "invalid_field", "U+0000 at index 1"),
-        ({"item_id": "i\n"}, "invalid_field", "U+000A"),
-        ({"item_id": "i\x7f"}, "invalid_field", "U+007F"),
-        ({"item_id": "i\x85"}, "invalid_field", "U+0085"),
-        ({"event_id": "e\ud800"}, "invalid_field", "U+D800"),
-        ({"event_id": "x" * 257}, "oversized", "257 characters"),
-        ({"user_id": "u" * 300}, "oversized", "'user_id'"),
+        ({"event_id": ""}, "empty_event_id", "'event_id' is \"\""),
+        ({"event_id": 7}, "event_id_wrong_type", "'event_id' is 7 (number); expected a non-empty string"),
+        ({"event_id": None}, "event_id_wrong_type", "null (null)"),
+        ({"user_id": ""}, "empty_user_id", "'user_id'"),
+        ({"user_id": True}, "user_id_wrong_type", "true (boolean)"),
+        ({"user_id": None}, "user_id_wrong_type", "null (null)"),
+        ({"user_id": -1}, "user_id_out_of_range", "integer in [0, 9223372036854775807]"),
+        ({"user_id": 2**63}, "user_id_out_of_range", "9223372036854775808"),
+        ({"user_id": 1.5}, "user_id_not_an_integer", "1.5"),
+        ({"user_id": 1e300}, "user_id_out_of_range", "1e+300"),
+        ({"item_id": ["i-1"]}, "item_id_wrong_type", "(array)"),
+        ({"item_id": {"id": 1}}, "item_id_wrong_type", "(object)"),
+        ({"item_id": -0.5}, "item_id_not_an_integer", "-0.5"),
+        ({"item_id": -3}, "item_id_out_of_range", "-3"),
+        ({"user_id": "u\x001"}, "user_id_invalid_character", "U+0000 at index 1"),
+        ({"item_id": "i\n"}, "item_id_invalid_character", "U+000A"),
+        ({"item_id": "i\x7f"}, "item_id_invalid_character", "U+007F"),
+        ({"item_id": "i\x85"}, "item_id_invalid_character", "U+0085"),
+        ({"event_id": "e\ud800"}, "event_id_invalid_character", "U+D800"),
+        ({"event_id": "e\x1b"}, "event_id_invalid_character", "U+001B"),
+        ({"event_id": "x" * 257}, "event_id_too_long", "257 characters"),
+        ({"user_id": "u" * 300}, "user_id_too_long", "'user_id'"),
+        ({"item_id": "i" * 257}, "item_id_too_long", "the limit is 256 characters"),
         ({"event_type": "teleport"}, "unknown_event_type", "add_to_cart, click, purchase, rating, view"),
-        ({"event_type": "View"}, "invalid_field", "^[a-z][a-z0-9_]{0,63}$"),
-        ({"event_type": "view\n"}, "invalid_field", "'event_type'"),
-        ({"event_type": "a" * 65}, "invalid_field", "'event_type'"),
-        ({"event_type": 1}, "invalid_field", "'event_type'"),
-        ({"value": "4"}, "invalid_field", "'value' is \"4\" (string); expected a finite number or null"),
-        ({"value": True}, "invalid_field", "'value'"),
-        ({"value": 10**400}, "invalid_field", "'value'"),
-        ({"value": [1]}, "invalid_field", "'value'"),
+        ({"event_type": "View"}, "invalid_event_type", "^[a-z][a-z0-9_]{0,63}$"),
+        ({"event_type": "view\n"}, "invalid_event_type", "'event_type'"),
+        ({"event_type": "a" * 65}, "invalid_event_type", "'event_type'"),
+        ({"event_type": ""}, "empty_event_type", "'event_type' is \"\""),
+        ({"event_type": 1}, "event_type_wrong_type", "'event_type'"),
+        ({"event_type": None}, "event_type_wrong_type", "null (null)"),
+        ({"value": "4"}, "value_wrong_type", "'value' is \"4\" (string); expected a finite number or null"),
+        ({"value": True}, "value_wrong_type", "'value'"),
+        ({"value": [1]}, "value_wrong_type", "'value'"),
+        ({"value": 10**400}, "value_out_of_range", "'value'"),
     ],
 )
 def test_invalid_field_rejected(document: dict, reason: str, detail_part: str) -> None:
@@ -225,48 +238,64 @@ def test_invalid_field_rejected(document: dict, reason: str, detail_part: str) -
 def test_infinite_value_rejected() -> None:
     error = _rejection(raw=_encode(BASE)[:-1] + b', "value": 1e400}')
 
-    assert error.reason == "invalid_field"
+    assert error.reason == "value_out_of_range"
     assert "Infinity" in error.detail
 
 
+@pytest.mark.parametrize(("name", "reason"), [("user_id", "user_id_out_of_range"), ("item_id", "item_id_out_of_range")])
+def test_infinite_id_rejected(name: str, reason: str) -> None:
+    error = _rejection(raw=_encode({k: v for k, v in BASE.items() if k != name})[:-1] + f', "{name}": -1e400}}'.encode())
+
+    assert error.reason == reason
+    assert "-Infinity" in error.detail
+
+
 @pytest.mark.parametrize(
-    ("timestamp", "detail_part"),
+    ("timestamp", "reason", "detail_part"),
     [
-        (-1, "from 1970-01-01T00:00:00Z"),
-        (MAX_TIMESTAMP_MS + 1, "3000-01-01T00:00:00Z"),
-        (1.5, "epoch milliseconds"),
-        (True, "epoch milliseconds"),
-        (None, "epoch milliseconds"),
-        ("", "RFC 3339"),
-        ("yesterday", "RFC 3339"),
-        ("2024-05-01 12:00:00Z", "RFC 3339"),
-        ("2024-05-01T12:00:00", "RFC 3339"),
-        ("2024-05-01T12:00Z", "RFC 3339"),
-        ("2024-05-01T12:00:00.Z", "RFC 3339"),
-        ("2024-05-01T12:00:00.1234567890Z", "RFC 3339"),
-        ("2024-05-01T12:00:00+0200", "RFC 3339"),
-        ("2024-05-01T12:00:00Z\n", "RFC 3339"),
-        ("\u0662024-05-01T12:00:00Z", "RFC 3339"),  # a non-ASCII digit
-        ("1969-12-31T23:59:59Z", "a year from 1970 to 2999"),
-        ("1969-12-31T23:30:00-01:00", "a year from 1970 to 2999"),
-        ("3000-01-01T00:00:00Z", "a year from 1970 to 2999"),
-        ("2999-12-31T23:30:00-01:00", "3000-01-01T00:00:00Z"),
-        ("1970-01-01T00:30:00+01:00", "from 1970-01-01T00:00:00Z"),
-        ("2023-02-29T00:00:00Z", "exist"),
-        ("2024-13-01T00:00:00Z", "exist"),
-        ("2024-04-31T00:00:00Z", "exist"),
-        ("2024-05-01T24:00:00Z", "exist"),
-        ("2024-05-01T12:60:00Z", "exist"),
-        ("2016-12-31T23:59:60Z", "exist"),
-        ("2024-05-01T12:00:00+24:00", "offset"),
-        ("2024-05-01T12:00:00+01:60", "offset"),
+        (-1, "timestamp_before_1970", "from 1970-01-01T00:00:00Z"),
+        (MAX_TIMESTAMP_MS + 1, "timestamp_after_2999", "3000-01-01T00:00:00Z"),
+        (1.5, "timestamp_not_an_integer", "whole epoch milliseconds"),
+        (True, "timestamp_wrong_type", "epoch milliseconds"),
+        (None, "timestamp_wrong_type", "epoch milliseconds"),
+        ([1], "timestamp_wrong_type", "(array)"),
+        ("", "timestamp_unparseable", "RFC 3339"),
+        ("yesterday", "timestamp_unparseable", "RFC 3339"),
+        ("2024-05-01 12:00:00Z", "timestamp_unparseable", "RFC 3339"),
+        ("2024-05-01T12:00:00", "timestamp_unparseable", "RFC 3339"),
+        ("2024-05-01T12:00Z", "timestamp_unparseable", "RFC 3339"),
+        ("2024-05-01T12:00:00.Z", "timestamp_unparseable", "RFC 3339"),
+        ("2024-05-01T12:00:00.1234567890Z", "timestamp_unparseable", "RFC 3339"),
+        ("2024-05-01T12:00:00+0200", "timestamp_unparseable", "RFC 3339"),
+        ("2024-05-01T12:00:00Z\n", "timestamp_unparseable", "RFC 3339"),
+        ("\u0662024-05-01T12:00:00Z", "timestamp_unparseable", "RFC 3339"),  # a non-ASCII digit
+        ("1969-12-31T23:59:59Z", "timestamp_before_1970", "a year from 1970 to 2999"),
+        ("1969-12-31T23:30:00-01:00", "timestamp_before_1970", "a year from 1970 to 2999"),
+        ("3000-01-01T00:00:00Z", "timestamp_after_2999", "a year from 1970 to 2999"),
+        ("2999-12-31T23:30:00-01:00", "timestamp_after_2999", "3000-01-01T00:00:00Z"),
+        ("1970-01-01T00:30:00+01:00", "timestamp_before_1970", "from 1970-01-01T00:00:00Z"),
+        ("2023-02-29T00:00:00Z", "timestamp_nonexistent_date", "calendar date that exists"),
+        ("2024-13-01T00:00:00Z", "timestamp_nonexistent_date", "calendar date that exists"),
+        ("2024-04-31T00:00:00Z", "timestamp_nonexistent_date", "calendar date that exists"),
+        ("2024-00-10T00:00:00Z", "timestamp_nonexistent_date", "calendar date that exists"),
+        ("2024-05-01T24:00:00Z", "timestamp_nonexistent_time", "time of day"),
+        ("2024-05-01T12:60:00Z", "timestamp_nonexistent_time", "time of day"),
+        ("2016-12-31T23:59:60Z", "timestamp_nonexistent_time", "leap seconds"),
+        ("2024-05-01T12:00:00+24:00", "timestamp_invalid_offset", "offset"),
+        ("2024-05-01T12:00:00+01:60", "timestamp_invalid_offset", "offset"),
     ],
 )
-def test_invalid_timestamp_rejected(timestamp, detail_part: str) -> None:
+def test_invalid_timestamp_rejected(timestamp, reason: str, detail_part: str) -> None:
     error = _rejection({"timestamp": timestamp})
 
-    assert error.reason == "invalid_timestamp"
+    assert error.reason == reason
     assert detail_part in error.detail
+
+
+def test_infinite_timestamp_rejected() -> None:
+    error = _rejection(raw=_encode({k: v for k, v in BASE.items() if k != "timestamp"})[:-1] + b', "timestamp": 1e400}')
+
+    assert error.reason == "timestamp_after_2999"
 
 
 @pytest.mark.parametrize(
@@ -283,6 +312,27 @@ def test_key_mismatch_rejected(key: bytes, user_id, detail_part: str) -> None:
 
     assert error.reason == "key_mismatch"
     assert detail_part in error.detail
+    assert "key set to user_id" in error.detail
+
+
+def test_null_key_rejected() -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        decode_event(None, _encode(BASE), event_types=KNOWN_EVENT_TYPES)
+
+    assert caught.value.reason == "missing_key"
+    assert '"u-1"' in caught.value.detail
+    assert "key set to user_id" in caught.value.detail
+
+
+def test_null_key_accepted_when_not_required() -> None:
+    assert decode_event(None, _encode(BASE), event_types=KNOWN_EVENT_TYPES, require_key=False).user_id == "u-1"
+
+
+def test_value_defect_reported_before_null_key() -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        decode_event(None, b"{", event_types=KNOWN_EVENT_TYPES)
+
+    assert caught.value.reason == "invalid_json"
 
 
 def test_detail_cuts_long_values() -> None:
@@ -298,7 +348,7 @@ def test_non_bytes_value_raises_type_error() -> None:
 
 
 def test_invalid_event_pickles() -> None:
-    error = InvalidEvent("invalid_field", "field 'value' is \"4\"")
+    error = InvalidEvent("value_wrong_type", "field 'value' is \"4\"")
     copy = pickle.loads(pickle.dumps(error))
 
     assert (copy.reason, copy.detail, str(copy)) == (error.reason, error.detail, str(error))
@@ -380,3 +430,24 @@ def test_rfc3339_matches_datetime_arithmetic(moment: datetime) -> None:
 
     assert _decode({"timestamp": text}).timestamp_ms == expected_ms
 
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(min_value=0, max_value=200), st.binary(max_size=3), st.integers(min_value=0, max_value=3)), max_size=4),
+    key=st.one_of(st.none(), st.just(b"u-1"), st.binary(max_size=4)),
+)
+def test_byte_edits_of_valid_event_raise_only_invalid_event(edits, key) -> None:
+    data = bytearray(_encode({**BASE, "value": 4.5}))
+    for position, inserted, deleted in edits:
+        # Replace `deleted` bytes at `position` with `inserted`: flips, insertions and cuts.
+        position = min(position, len(data))
+        data[position : position + deleted] = inserted
+
+    _outcome(key, bytes(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=300))
+def test_arbitrary_text_raises_only_invalid_event(text: str) -> None:
+    _outcome(b"u-1", text.encode("utf-8", errors="surrogatepass"))
