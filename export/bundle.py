@@ -23,11 +23,13 @@ import onnx
 import torch
 
 from export.model import GRU4Rec, ModelConfig
-from export.onnx_export import DEFAULT_K, DEFAULT_OPSET, INPUT_NAMES, OUTPUT_NAMES, export_step_graph
+from export.onnx_export import DEFAULT_K, DEFAULT_OPSET, export_step_graph, input_roles, output_roles
 from export.parity import ParityResult, check_parity
 from export.sequences import EVENT_TYPES, ItemVocabulary
 
-FORMAT_VERSION = 1
+# Format 2 added the optional graph inputs "cell" (LSTM) and "value" (event value), and
+# the manifest's item_features and event_value sections.
+FORMAT_VERSION = 2
 GRAPH_FILE = "model.onnx"
 CHECKPOINT_FILE = "checkpoint.pt"
 ITEMS_FILE = "items.tsv"
@@ -105,6 +107,7 @@ def write_bundle(
     k: int = DEFAULT_K,
     opset: int = DEFAULT_OPSET,
     extra_manifest: dict[str, Any] | None = None,
+    item_feature_names: list[str] | None = None,
 ) -> WrittenBundle:
     """Export, check parity and write every bundle file into ``out_dir``.
 
@@ -119,6 +122,11 @@ def write_bundle(
         raise BundleError(
             f"Vocabulary has {len(vocabulary)} indices but the model scores {model.config.num_items} items."
         )
+    feature_names = list(item_feature_names or [])
+    if len(feature_names) != model.config.num_item_features:
+        raise BundleError(
+            f"{len(feature_names)} item feature names given, but the model has {model.config.num_item_features} feature columns."
+        )
     model.eval()
 
     graph_bytes = export_step_graph(model, k, opset)
@@ -129,7 +137,7 @@ def write_bundle(
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_version": model_version,
-        "cell": "gru",
+        "cell": model.config.cell,
         "num_layers": model.config.num_layers,
         "hidden_size": model.config.hidden_size,
         "embedding_size": model.config.embedding_size,
@@ -137,8 +145,12 @@ def write_bundle(
         "event_types": list(EVENT_TYPES),
         "k": k,
         "opset": graph_opset(graph_bytes),
-        "inputs": dict(zip(("item", "event_type", "hidden", "exclude"), INPUT_NAMES)),
-        "outputs": dict(zip(("hidden", "scores", "items"), OUTPUT_NAMES)),
+        "tied_embeddings": model.config.tied_embeddings,
+        "inputs": input_roles(model.config),
+        "outputs": output_roles(model.config),
+        # The feature table is a constant inside the graph; the names document its columns.
+        "item_features": feature_names,
+        "event_value": _event_value_section(model),
         "graph_file": GRAPH_FILE,
         "graph_sha256": hashlib.sha256(graph_bytes).hexdigest(),
         "items_file": ITEMS_FILE,
@@ -162,6 +174,14 @@ def write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return WrittenBundle(path=out_dir, model_version=model_version, parity=parity, manifest=manifest)
+
+
+def _event_value_section(model: GRU4Rec) -> dict[str, Any] | None:
+    """Describe the "value" input: how an absent value is fed and how values are scaled."""
+    if not model.config.use_event_value:
+        return None
+    center, scale = (float(number) for number in model.value_scaling)
+    return {"input": input_roles(model.config)["value"], "dtype": "float32", "absent": "NaN", "center": center, "scale": scale}
 
 
 def graph_opset(graph_bytes: bytes) -> int:
@@ -209,8 +229,14 @@ def load_checkpoint(path: Path) -> GRU4Rec:
         raise BundleError(f"{path} not found; the bundle is incomplete, write it again.") from None
 
     model = GRU4Rec(ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    # Checkpoints written before LSTM support named the recurrent module "gru".
+    state_dict = {_renamed_key(key): value for key, value in checkpoint["state_dict"].items()}
+    model.load_state_dict(state_dict)
     return model.eval()
+
+
+def _renamed_key(key: str) -> str:
+    return "rnn." + key.removeprefix("gru.") if key.startswith("gru.") else key
 
 
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
@@ -254,10 +280,11 @@ def recommend_for_sequence(
     item_ids: list[str],
     event_types: list[str],
     exclude_last: int,
+    values: list[float | None] | None = None,
 ) -> list[tuple[str, float]]:
     """Run the PyTorch model one step per event from a zero hidden state and return the top-k.
 
-    Unknown item ids enter as index 0. The last ``exclude_last`` item indices of the
+    Unknown item ids enter as index 0, and a value of None enters as absent (NaN). The last ``exclude_last`` item indices of the
     sequence are excluded from the final ranking, as the worker excludes a user's most
     recent items. Entries whose score is -inf (possible only when fewer than k items
     remain after exclusion) are left out of the result.
@@ -269,6 +296,9 @@ def recommend_for_sequence(
         raise ValueError("The sequence is empty; at least one event is needed for a recommendation.")
     if len(item_ids) != len(event_types):
         raise ValueError(f"Got {len(item_ids)} item ids but {len(event_types)} event types; they must pair up.")
+    values = list(values) if values is not None else [None] * len(item_ids)
+    if len(values) != len(item_ids):
+        raise ValueError(f"Got {len(item_ids)} item ids but {len(values)} values; they must pair up.")
     if exclude_last < 0:
         raise ValueError(f"exclude_last={exclude_last} must not be negative.")
 
@@ -279,12 +309,16 @@ def recommend_for_sequence(
 
     model = bundle.model.eval()
     hidden = model.initial_hidden(batch_size=1)  # (layers, 1, hidden)
+    cell = model.initial_hidden(batch_size=1) if model.config.has_cell_state else None  # (layers, 1, hidden)
     exclude = torch.tensor([excluded], dtype=torch.int64).reshape(1, len(excluded))  # (1, n_exclude)
     with torch.no_grad():
-        for item, event_type in zip(items, types):
-            hidden, scores, top = model.step(
-                torch.tensor([item]), torch.tensor([event_type]), hidden, exclude, bundle.k
-            )  # (layers, 1, hidden), (1, k), (1, k)
+        for item, event_type, value in zip(items, types, values):
+            event_value = torch.tensor([float("nan") if value is None else float(value)])  # (1,)
+            outputs = model.step(
+                torch.tensor([item]), torch.tensor([event_type]), hidden, exclude, bundle.k, cell=cell, value=event_value
+            )  # (layers, 1, hidden), (1, k), (1, k) and, for an LSTM, the cell state
+            hidden, scores, top = outputs[:3]
+            cell = outputs[3] if model.config.has_cell_state else None
 
     return [
         (bundle.item_ids[index], score)

@@ -119,11 +119,18 @@ def evaluation_case(user: UserSplit, part: Part) -> tuple[np.ndarray, np.ndarray
     raise ValueError(f"Unknown evaluation part {part!r}; expected 'valid' or 'test'.")
 
 
+def evaluation_values(user: UserSplit, part: Part) -> np.ndarray:
+    """Return the event values of the prefix that evaluation_case returns (NaN where absent)."""
+    if part == "valid":
+        return user.train_value_array()
+    if part == "test":
+        return user.test_prefix_values()
+    raise ValueError(f"Unknown evaluation part {part!r}; expected 'valid' or 'test'.")
+
+
 @torch.no_grad()
-def final_outputs(
-    model: GRU4Rec, sequences: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: int = 256
-) -> torch.Tensor:
-    """Run the model over each (items, event types) sequence and return the last outputs.
+def final_outputs(model: GRU4Rec, sequences: Sequence[tuple[np.ndarray, ...]], batch_size: int = 256) -> torch.Tensor:
+    """Run the model over each (items, event types[, values]) sequence and return the last outputs.
 
     Sequences are batched in order of length so that padding stays small. The result is
     (sequences, hidden) in input order.
@@ -131,7 +138,7 @@ def final_outputs(
     was_training = model.training
     model.eval()
 
-    lengths = np.array([len(items) for items, _ in sequences])
+    lengths = np.array([len(sequence[0]) for sequence in sequences])
     if (lengths == 0).any():
         raise ValueError("Every sequence needs at least one event.")
     order = np.argsort(lengths, kind="stable")
@@ -139,8 +146,9 @@ def final_outputs(
 
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        items, event_types = pad_sequences([sequences[i] for i in batch])  # (batch, time) each
-        step_outputs, _ = model(items, event_types)  # (batch, time, hidden)
+        padded = pad_sequences([sequences[i] for i in batch])  # (batch, time) each
+        values = padded[2] if len(padded) > 2 else None
+        step_outputs, _ = model(padded[0], padded[1], values=values)  # (batch, time, hidden)
         last = torch.as_tensor(lengths[batch] - 1)
         outputs[torch.as_tensor(batch)] = step_outputs[torch.arange(len(batch)), last]  # (batch, hidden)
 
@@ -148,22 +156,32 @@ def final_outputs(
     return outputs
 
 
-def pad_sequences(sequences: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (items, event types) pairs with index 0 into two (batch, time) tensors."""
-    longest = max(len(items) for items, _ in sequences)
-    items = np.zeros((len(sequences), longest), dtype=np.int64)
-    event_types = np.zeros((len(sequences), longest), dtype=np.int64)
-    for row, (row_items, row_event_types) in enumerate(sequences):
-        items[row, : len(row_items)] = row_items
-        event_types[row, : len(row_event_types)] = row_event_types
-    return torch.from_numpy(items), torch.from_numpy(event_types)
+def pad_sequences(sequences: Sequence[tuple[np.ndarray, ...]]) -> tuple[torch.Tensor, ...]:
+    """Right-pad tuples of equal-length arrays into one (batch, time) tensor per tuple position.
+
+    Integer arrays (items, event types) are padded with index 0 and float arrays (event
+    values) with NaN, which the model reads as an absent value.
+    """
+    longest = max(len(sequence[0]) for sequence in sequences)
+    padded = []
+    for position in range(len(sequences[0])):
+        dtype = np.asarray(sequences[0][position]).dtype
+        fill = np.nan if np.issubdtype(dtype, np.floating) else 0
+        column = np.full((len(sequences), longest), fill, dtype=dtype)
+        for row, sequence in enumerate(sequences):
+            column[row, : len(sequence[position])] = sequence[position]
+        padded.append(torch.from_numpy(column))
+    return tuple(padded)
 
 
 def evaluate_model(
     model: GRU4Rec, dataset: SplitDataset, part: Part, batch_size: int = 256
 ) -> dict[str, float]:
     cases = [evaluation_case(user, part) for user in dataset.users]
-    outputs = final_outputs(model, [(items, event_types) for items, event_types, _ in cases], batch_size)
+    sequences: list[tuple[np.ndarray, ...]] = [(items, event_types) for items, event_types, _ in cases]
+    if model.config.use_event_value:
+        sequences = [sequence + (evaluation_values(user, part),) for sequence, user in zip(sequences, dataset.users)]
+    outputs = final_outputs(model, sequences, batch_size)
 
     accumulator = RankingAccumulator(dataset.num_items)
     was_training = model.training

@@ -1,8 +1,10 @@
 """Export one recurrent step of the model to an ONNX graph.
 
-The graph takes a batch of (item, event type, hidden state, items to exclude) and returns
-the new hidden state with the top-k scores and items. Batch size and the number of
-excluded items are dynamic axes. Weights are stored inside the .onnx file.
+The graph takes a batch of (item, event type, hidden state, items to exclude), plus the
+cell state for an LSTM and the event value for a model that uses it, and returns the new
+hidden state with the top-k scores and items (and the new cell state for an LSTM). Batch
+size and the number of excluded items are dynamic axes. Weights and the item feature
+table are stored inside the .onnx file.
 """
 
 from __future__ import annotations
@@ -16,13 +18,22 @@ import onnx
 import torch
 from torch import nn
 
-from export.model import GRU4Rec
+from export.model import GRU4Rec, ModelConfig
 
 DEFAULT_K = 20
 DEFAULT_OPSET = 18
 
-INPUT_NAMES = ("item_index", "event_type", "hidden", "exclude_items")
-OUTPUT_NAMES = ("hidden_out", "topk_scores", "topk_items")
+# Graph names by role, the roles the manifest lists. Optional roles exist only in
+# graphs whose model needs them.
+INPUT_ROLES = {
+    "item": "item_index",
+    "event_type": "event_type",
+    "hidden": "hidden",
+    "exclude": "exclude_items",
+    "cell": "cell",
+    "value": "event_value",
+}
+OUTPUT_ROLES = {"hidden": "hidden_out", "scores": "topk_scores", "items": "topk_items", "cell": "cell_out"}
 
 # Example sizes for tracing. torch.export specialises dimensions of size 0 or 1, so both
 # dynamic axes are traced at sizes above 1.
@@ -30,26 +41,50 @@ EXAMPLE_BATCH = 3
 EXAMPLE_EXCLUDE = 4
 
 
+def input_roles(config: ModelConfig) -> dict[str, str]:
+    """Return the graph's inputs as {role: name}, in graph order."""
+    roles = ["item", "event_type", "hidden", "exclude"]
+    if config.has_cell_state:
+        roles.append("cell")
+    if config.use_event_value:
+        roles.append("value")
+    return {role: INPUT_ROLES[role] for role in roles}
+
+
+def output_roles(config: ModelConfig) -> dict[str, str]:
+    """Return the graph's outputs as {role: name}, in graph order."""
+    roles = ["hidden", "scores", "items"] + (["cell"] if config.has_cell_state else [])
+    return {role: OUTPUT_ROLES[role] for role in roles}
+
+
 class ExportError(Exception):
     """The step graph failed to export or to pass its structural checks."""
 
 
 class StepGraph(nn.Module):
-    """The model's ``step`` with k fixed, as the module that torch exports."""
+    """The model's ``step`` with k fixed, as the module that torch exports.
+
+    Inputs arrive positionally in the order of ``input_roles``, because the set of
+    inputs depends on the model configuration.
+    """
 
     def __init__(self, model: GRU4Rec, k: int):
         super().__init__()
         self.model = model
         self.k = k
+        self.roles = list(input_roles(model.config))
 
-    def forward(
-        self,
-        item_index: torch.Tensor,  # (batch,) int64
-        event_type: torch.Tensor,  # (batch,) int64
-        hidden: torch.Tensor,  # (layers, batch, hidden) float32
-        exclude_items: torch.Tensor,  # (batch, n_exclude) int64
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model.step(item_index, event_type, hidden, exclude_items, self.k)
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        by_role = dict(zip(self.roles, inputs))
+        return self.model.step(
+            by_role["item"],
+            by_role["event_type"],
+            by_role["hidden"],
+            by_role["exclude"],
+            self.k,
+            cell=by_role.get("cell"),
+            value=by_role.get("value"),
+        )
 
 
 def check_k(model: GRU4Rec, k: int) -> None:
@@ -59,13 +94,35 @@ def check_k(model: GRU4Rec, k: int) -> None:
 
 
 def example_inputs(model: GRU4Rec) -> tuple[torch.Tensor, ...]:
+    """Return example inputs in the order of ``input_roles``."""
     config = model.config
     generator = torch.Generator().manual_seed(0)
-    item_index = torch.randint(0, config.num_items, (EXAMPLE_BATCH,), generator=generator)
-    event_type = torch.randint(0, config.num_event_types, (EXAMPLE_BATCH,), generator=generator)
-    hidden = torch.zeros(config.num_layers, EXAMPLE_BATCH, config.hidden_size)  # (layers, batch, hidden)
-    exclude_items = torch.randint(0, config.num_items, (EXAMPLE_BATCH, EXAMPLE_EXCLUDE), generator=generator)
-    return item_index, event_type, hidden, exclude_items
+    state_shape = (config.num_layers, EXAMPLE_BATCH, config.hidden_size)  # (layers, batch, hidden)
+    examples = {
+        "item": torch.randint(0, config.num_items, (EXAMPLE_BATCH,), generator=generator),
+        "event_type": torch.randint(0, config.num_event_types, (EXAMPLE_BATCH,), generator=generator),
+        "hidden": torch.zeros(state_shape),
+        "exclude": torch.randint(0, config.num_items, (EXAMPLE_BATCH, EXAMPLE_EXCLUDE), generator=generator),
+        "cell": torch.zeros(state_shape),
+        # One absent value (NaN) among present ones.
+        "value": torch.tensor([4.0, float("nan"), 1.0]),
+    }
+    return tuple(examples[role] for role in input_roles(config))
+
+
+def dynamic_shapes(config: ModelConfig) -> dict[str, tuple[dict[int, torch.export.Dim], ...]]:
+    batch = torch.export.Dim("batch")
+    n_exclude = torch.export.Dim("n_exclude")
+    axes = {
+        "item": {0: batch},
+        "event_type": {0: batch},
+        "hidden": {1: batch},
+        "exclude": {0: batch, 1: n_exclude},
+        "cell": {1: batch},
+        "value": {0: batch},
+    }
+    # StepGraph takes *inputs, so torch.export expects the shapes under that name.
+    return {"inputs": tuple(axes[role] for role in input_roles(config))}
 
 
 def export_step_graph(model: GRU4Rec, k: int = DEFAULT_K, opset: int = DEFAULT_OPSET) -> bytes:
@@ -73,15 +130,6 @@ def export_step_graph(model: GRU4Rec, k: int = DEFAULT_K, opset: int = DEFAULT_O
     check_k(model, k)
     was_training = model.training
     model.eval()
-
-    batch = torch.export.Dim("batch")
-    n_exclude = torch.export.Dim("n_exclude")
-    dynamic_shapes = {
-        "item_index": {0: batch},
-        "event_type": {0: batch},
-        "hidden": {1: batch},
-        "exclude_items": {0: batch, 1: n_exclude},
-    }
 
     # torch 2.13's exporter logs a warning per torchvision operator it cannot register
     # when torchvision is absent, but the step graph uses none of them.
@@ -96,9 +144,9 @@ def export_step_graph(model: GRU4Rec, k: int = DEFAULT_K, opset: int = DEFAULT_O
                 dynamo=True,
                 external_data=False,
                 opset_version=opset,
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=dynamic_shapes,
+                input_names=list(input_roles(model.config).values()),
+                output_names=list(output_roles(model.config).values()),
+                dynamic_shapes=dynamic_shapes(model.config),
                 verbose=False,
             )
     except Exception as error:
@@ -123,17 +171,18 @@ def check_graph(graph_bytes: bytes, model: GRU4Rec, k: int) -> None:
             raise ExportError(f"Initializer {tensor.name} refers to external data; weights must be embedded.")
 
     config = model.config
-    expected_inputs = {
-        "item_index": (onnx.TensorProto.INT64, 1),
+    element_types = {
+        "item": (onnx.TensorProto.INT64, 1),
         "event_type": (onnx.TensorProto.INT64, 1),
         "hidden": (onnx.TensorProto.FLOAT, 3),
-        "exclude_items": (onnx.TensorProto.INT64, 2),
+        "exclude": (onnx.TensorProto.INT64, 2),
+        "cell": (onnx.TensorProto.FLOAT, 3),
+        "value": (onnx.TensorProto.FLOAT, 1),
+        "scores": (onnx.TensorProto.FLOAT, 2),
+        "items": (onnx.TensorProto.INT64, 2),
     }
-    expected_outputs = {
-        "hidden_out": (onnx.TensorProto.FLOAT, 3),
-        "topk_scores": (onnx.TensorProto.FLOAT, 2),
-        "topk_items": (onnx.TensorProto.INT64, 2),
-    }
+    expected_inputs = {name: element_types[role] for role, name in input_roles(config).items()}
+    expected_outputs = {name: element_types[role] for role, name in output_roles(config).items()}
     _check_values("input", proto.graph.input, expected_inputs)
     _check_values("output", proto.graph.output, expected_outputs)
 

@@ -1,9 +1,9 @@
 """Check that the exported step graph computes what the PyTorch model computes.
 
 Two kinds of inputs are compared. Independent random batches have random hidden states,
-items, event types and exclusion lists of several lengths. In a chain of steps, each side
-feeds its own hidden output back in, so drift would accumulate and show. Hidden
-states must agree within the tolerance. Scores must agree within the tolerance scaled by
+items, event types, event values (some absent) and exclusion lists of several lengths. In a chain of steps, each side
+feeds its own hidden (and LSTM cell) output back in, so drift would accumulate and show.
+Hidden and cell states must agree within the tolerance. Scores must agree within the tolerance scaled by
 max(1, |score|), because float32 rounding grows with the magnitude of a score. Top-k lists
 must be equal, except that two items may swap places where their scores tie within that
 scaled tolerance.
@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 
 from export.model import GRU4Rec
+from export.onnx_export import input_roles
 
 DEFAULT_TOLERANCE = 1e-5
 RANDOM_BATCH_SHAPES = ((1, 0), (2, 1), (7, 5), (32, 30), (64, 200))  # (batch, n_exclude)
@@ -76,13 +77,15 @@ class _Comparison:
             self.failures.append(note)
 
     def compare(self, label: str, torch_outputs, onnx_outputs, full_scores: np.ndarray) -> None:
-        torch_hidden, torch_scores, torch_items = torch_outputs
-        onnx_hidden, onnx_scores, onnx_items = onnx_outputs
+        torch_hidden, torch_scores, torch_items = torch_outputs[:3]
+        onnx_hidden, onnx_scores, onnx_items = onnx_outputs[:3]
 
-        hidden_diff = float(np.abs(torch_hidden - onnx_hidden).max())
-        self.hidden_max = max(self.hidden_max, hidden_diff)
-        if not hidden_diff <= self.tolerance:
-            self.fail(f"{label}: hidden_out differs by {hidden_diff:.3g} > {self.tolerance:g}")
+        # The LSTM cell state (a fourth output) is held to the hidden state's tolerance.
+        for name, torch_state, onnx_state in zip(("hidden_out", "cell_out"), torch_outputs[::3], onnx_outputs[::3]):
+            state_diff = float(np.abs(torch_state - onnx_state).max())
+            self.hidden_max = max(self.hidden_max, state_diff)
+            if not state_diff <= self.tolerance:
+                self.fail(f"{label}: {name} differs by {state_diff:.3g} > {self.tolerance:g}")
 
         scores_diff = _max_abs_diff(torch_scores, onnx_scores)
         self.scores_max = max(self.scores_max, scores_diff)
@@ -181,26 +184,40 @@ def check_parity(
 
 
 def _random_inputs(model: GRU4Rec, rng: np.random.Generator, batch: int, n_exclude: int) -> dict[str, np.ndarray]:
+    """Return random inputs keyed by graph input name."""
     config = model.config
     exclude_items = rng.integers(0, config.num_items, size=(batch, n_exclude), dtype=np.int64)
     # Zero padding must behave like any other excluded index 0.
     exclude_items[:, n_exclude // 2 :] *= rng.integers(0, 2, size=(batch, n_exclude - n_exclude // 2))
-    return {
-        "item_index": rng.integers(0, config.num_items, size=batch, dtype=np.int64),
+    state_shape = (config.num_layers, batch, config.hidden_size)
+    values = {
+        "item": rng.integers(0, config.num_items, size=batch, dtype=np.int64),
         "event_type": rng.integers(0, config.num_event_types, size=batch, dtype=np.int64),
-        "hidden": rng.uniform(-1.0, 1.0, size=(config.num_layers, batch, config.hidden_size)).astype(np.float32),
-        "exclude_items": exclude_items,
+        "hidden": rng.uniform(-1.0, 1.0, size=state_shape).astype(np.float32),
+        "exclude": exclude_items,
+        "cell": rng.uniform(-2.0, 2.0, size=state_shape).astype(np.float32),
+        "value": _random_values(rng, batch),
     }
+    return {name: values[role] for role, name in input_roles(config).items()}
+
+
+def _random_values(rng: np.random.Generator, batch: int) -> np.ndarray:
+    """Return ratings 1..5 with about a third absent (NaN)."""
+    values = rng.integers(1, 6, size=batch).astype(np.float32)
+    values[rng.random(batch) < 0.3] = np.nan
+    return values
 
 
 def _run_torch(model: GRU4Rec, inputs: dict[str, np.ndarray], k: int):
     """Return the PyTorch step outputs and the full masked score matrix (batch, items)."""
-    tensors = [torch.from_numpy(inputs[name]) for name in ("item_index", "event_type", "hidden", "exclude_items")]
+    tensors = {role: torch.from_numpy(inputs[name]) for role, name in input_roles(model.config).items()}
+    args = (tensors["item"], tensors["event_type"], tensors["hidden"], tensors["exclude"])
+    options = {"cell": tensors.get("cell"), "value": tensors.get("value")}
     with torch.no_grad():
-        torch_outputs = [tensor.numpy() for tensor in model.step(*tensors, k)]
+        torch_outputs = [tensor.numpy() for tensor in model.step(*args, k, **options)]
         # Ranking every known item recovers each item's masked score for the tie check.
-        _, all_scores, all_items = model.step(*tensors, model.config.num_items - 1)
-    full_scores = np.full((len(inputs["item_index"]), model.config.num_items), -np.inf, dtype=np.float32)
+        all_scores, all_items = model.step(*args, model.config.num_items - 1, **options)[1:3]
+    full_scores = np.full((len(tensors["item"]), model.config.num_items), -np.inf, dtype=np.float32)
     np.put_along_axis(full_scores, all_items.numpy(), all_scores.numpy(), axis=1)
     return torch_outputs, full_scores
 
@@ -214,19 +231,27 @@ def _compare_chain(
     comparison: _Comparison,
 ) -> None:
     config = model.config
-    torch_hidden = np.zeros((config.num_layers, CHAINED_BATCH, config.hidden_size), dtype=np.float32)
-    onnx_hidden = torch_hidden.copy()
+    names = input_roles(config)
+    zeros = np.zeros((config.num_layers, CHAINED_BATCH, config.hidden_size), dtype=np.float32)
+    torch_state = {"hidden": zeros, "cell": zeros.copy()}
+    onnx_state = {"hidden": zeros.copy(), "cell": zeros.copy()}
     history = np.zeros((CHAINED_BATCH, 0), dtype=np.int64)
 
     for step in range(steps):
         items = rng.integers(0, config.num_items, size=CHAINED_BATCH, dtype=np.int64)
-        event_types = rng.integers(0, config.num_event_types, size=CHAINED_BATCH, dtype=np.int64)
         history = np.concatenate([history, items[:, None]], axis=1)[:, -CHAINED_EXCLUDE_WINDOW:]
+        events = {
+            "item": items,
+            "event_type": rng.integers(0, config.num_event_types, size=CHAINED_BATCH, dtype=np.int64),
+            "exclude": history,
+            "value": _random_values(rng, CHAINED_BATCH),
+        }
 
-        torch_inputs = {"item_index": items, "event_type": event_types, "hidden": torch_hidden, "exclude_items": history}
+        torch_inputs = {name: {**events, **torch_state}[role] for role, name in names.items()}
+        onnx_inputs = {name: {**events, **onnx_state}[role] for role, name in names.items()}
         torch_outputs, full_scores = _run_torch(model, torch_inputs, k)
-        onnx_inputs = dict(torch_inputs, hidden=onnx_hidden)
         onnx_outputs = session.run(None, onnx_inputs)
 
         comparison.compare(f"chained step {step}", torch_outputs, onnx_outputs, full_scores)
-        torch_hidden, onnx_hidden = torch_outputs[0], onnx_outputs[0]
+        torch_state = {"hidden": torch_outputs[0], "cell": torch_outputs[-1]}
+        onnx_state = {"hidden": onnx_outputs[0], "cell": onnx_outputs[-1]}

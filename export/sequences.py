@@ -78,7 +78,7 @@ def event_type_index(event_type: str) -> int:
 
 @dataclass(frozen=True)
 class UserSplit:
-    """One user's leave-one-out split, as item and event-type indices."""
+    """One user's leave-one-out split, as item and event-type indices and event values."""
 
     user_id: str
     train_items: np.ndarray  # (train_length,) int64
@@ -87,12 +87,55 @@ class UserSplit:
     valid_event_type: int
     test_item: int
     test_event_type: int
+    # Event values (ratings), NaN where an event has none; None when no event has one.
+    train_values: np.ndarray | None = None  # (train_length,) float32
+    valid_value: float = float("nan")
 
     def test_prefix(self) -> tuple[np.ndarray, np.ndarray]:
         """Return the test input: the training items followed by the validation item."""
         items = np.append(self.train_items, self.valid_item)
         event_types = np.append(self.train_event_types, self.valid_event_type)
         return items, event_types
+
+    def train_value_array(self) -> np.ndarray:
+        """Return the training values, all NaN when the log has none: (train_length,) float32."""
+        if self.train_values is None:
+            return np.full(len(self.train_items), np.nan, dtype=np.float32)
+        return self.train_values
+
+    def test_prefix_values(self) -> np.ndarray:
+        """Return the values of the test input, aligned with test_prefix: (train_length + 1,) float32."""
+        return np.append(self.train_value_array(), np.float32(self.valid_value)).astype(np.float32)
+
+
+class ItemFeatures:
+    """A 0/1 table of item side features (genres, release decade, categories) by item index.
+
+    Row 0 (the unknown item) has no features. Column j is the feature ``names[j]``.
+    """
+
+    def __init__(self, names: Sequence[str], table: np.ndarray):
+        if table.ndim != 2 or table.shape[1] != len(names):
+            raise ValueError(f"Feature table of shape {table.shape} does not match {len(names)} feature names.")
+        self.names = list(names)
+        self.table = table.astype(np.float32)  # (num_items, num_features)
+
+    @classmethod
+    def from_item_tags(cls, vocabulary: ItemVocabulary, tags: dict[str, Sequence[str]]) -> ItemFeatures:
+        """Build the table from {item id: feature names}; items without an entry get none."""
+        names = sorted({name for item_tags in tags.values() for name in item_tags})
+        column = {name: index for index, name in enumerate(names)}
+        table = np.zeros((len(vocabulary), len(names)), dtype=np.float32)
+        for item_id, item_tags in tags.items():
+            index = vocabulary.index_of(item_id)
+            if index == UNKNOWN_ITEM_INDEX:
+                continue  # an item with features but no events is outside the vocabulary
+            table[index, [column[name] for name in item_tags]] = 1.0
+        return cls(names, table)
+
+    @property
+    def num_features(self) -> int:
+        return len(self.names)
 
 
 @dataclass(frozen=True)
@@ -104,6 +147,20 @@ class SplitDataset:
     # Users with fewer than MIN_INTERACTIONS_PER_USER interactions, left out of the split.
     skipped_users: list[str]
     num_interactions: int
+    item_features: ItemFeatures | None = None
+
+    @property
+    def has_values(self) -> bool:
+        """True when at least one training event has a value."""
+        return any(user.train_values is not None for user in self.users)
+
+    def value_scaling(self) -> tuple[float, float]:
+        """Return (mean, standard deviation) of the training values, for standardising them."""
+        present = [values[~np.isnan(values)] for user in self.users if (values := user.train_values) is not None]
+        values = np.concatenate(present) if present else np.empty(0)
+        if values.size == 0:
+            return 0.0, 1.0
+        return float(values.mean()), float(values.std()) or 1.0
 
     @property
     def num_items(self) -> int:
@@ -127,12 +184,15 @@ def sort_by_user(interactions: Iterable[Interaction]) -> dict[str, list[Interact
 
 
 def split_leave_one_out(
-    interactions: Sequence[Interaction], vocabulary: ItemVocabulary | None = None
+    interactions: Sequence[Interaction],
+    vocabulary: ItemVocabulary | None = None,
+    item_tags: dict[str, Sequence[str]] | None = None,
 ) -> SplitDataset:
     """Split every user's sequence into training prefix, validation item and test item.
 
     The vocabulary defaults to every item in ``interactions``, so validation and test
-    items have an index even when no training prefix contains them.
+    items have an index even when no training prefix contains them. ``item_tags`` maps
+    item ids to side feature names and becomes the dataset's item feature table.
     """
     if vocabulary is None:
         vocabulary = ItemVocabulary.from_interactions(interactions)
@@ -146,6 +206,9 @@ def split_leave_one_out(
 
         items = np.array([vocabulary.index_of(event.item_id) for event in events], dtype=np.int64)
         event_types = np.array([event_type_index(event.event_type) for event in events], dtype=np.int64)
+        values = None
+        if any(event.value is not None for event in events):
+            values = np.array([np.nan if event.value is None else event.value for event in events], dtype=np.float32)
         users.append(
             UserSplit(
                 user_id=user_id,
@@ -155,6 +218,8 @@ def split_leave_one_out(
                 valid_event_type=int(event_types[-2]),
                 test_item=int(items[-1]),
                 test_event_type=int(event_types[-1]),
+                train_values=None if values is None else values[:-2],
+                valid_value=float("nan") if values is None else float(values[-2]),
             )
         )
 
@@ -163,4 +228,5 @@ def split_leave_one_out(
         users=users,
         skipped_users=skipped,
         num_interactions=len(interactions),
+        item_features=ItemFeatures.from_item_tags(vocabulary, item_tags) if item_tags else None,
     )

@@ -15,12 +15,16 @@ import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# Format 2 added the optional "value" input (the event value, NaN when absent) and the
+# item_features and event_value manifest sections; format 1 bundles have neither.
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 SUPPORTED_CELLS = ("gru", "lstm")
 _REQUIRED_KEYS = (
     "format_version", "model_version", "cell", "num_layers", "hidden_size", "num_items",
     "event_types", "k", "inputs", "outputs", "graph_file", "graph_sha256", "items_file",
 )
+# Graph input roles the worker can feed; "cell" is LSTM only and "value" optional.
+_INPUT_ROLES = ("item", "event_type", "hidden", "exclude", "cell", "value")
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -67,6 +71,11 @@ class StepModel:
             self._output_names.append(self._outputs["cell"])
 
     @property
+    def uses_event_value(self) -> bool:
+        """True when the graph takes each event's value as an input."""
+        return "value" in self._inputs
+
+    @property
     def has_cell_state(self) -> bool:
         return self.cell_type == "lstm"
 
@@ -82,11 +91,14 @@ class StepModel:
         hidden: np.ndarray,
         exclude: np.ndarray,
         cell: np.ndarray | None = None,
+        values: np.ndarray | None = None,
     ) -> StepOutput:
         """Apply one step to a batch of users.
 
         items, event_types: (batch,) int64 indices; hidden and cell: (num_layers, batch, hidden_size);
-        exclude: (batch, n) int64 item indices that must not be recommended, padded with 0.
+        exclude: (batch, n) int64 item indices that must not be recommended, padded with 0;
+        values: (batch,) float32 event values with NaN where an event has none, used only
+        when the graph has a value input (None then means no event has a value).
         """
         feeds = {
             self._inputs["item"]: items,
@@ -96,6 +108,10 @@ class StepModel:
         }
         if self.has_cell_state:
             feeds[self._inputs["cell"]] = cell
+        if self.uses_event_value:
+            if values is None:
+                values = np.full(len(items), np.nan, dtype=np.float32)
+            feeds[self._inputs["value"]] = values
         results = self.session.run(self._output_names, feeds)
         return StepOutput(
             hidden=results[0],
@@ -133,8 +149,9 @@ def load_bundle(bundle_dir: Path | str, *, threads: int = 1, optimization: str =
     _check_graph_matches_manifest(session, manifest, graph_path)
     model = StepModel(bundle_dir, manifest, session, item_ids)
     log.info(
-        "model bundle loaded: version=%s cell=%s layers=%d hidden=%d items=%d k=%d path=%s",
-        model.version, model.cell_type, model.num_layers, model.hidden_size, len(item_ids) - 1, model.k, bundle_dir,
+        "model bundle loaded: version=%s cell=%s layers=%d hidden=%d items=%d k=%d event_value=%s item_features=%d path=%s",
+        model.version, model.cell_type, model.num_layers, model.hidden_size, len(item_ids) - 1, model.k,
+        model.uses_event_value, len(manifest.get("item_features") or []), bundle_dir,
     )
     return model
 
@@ -202,6 +219,14 @@ def _check_graph_matches_manifest(session: ort.InferenceSession, manifest: dict[
     for role, name in manifest["inputs"].items():
         if name not in inputs:
             problems.append(f"input {role}={name!r} not in graph inputs {sorted(inputs)}")
+    # Every graph input must have a role this worker feeds, or the first step would fail.
+    fed = set(manifest["inputs"].values())
+    for name in inputs:
+        if name not in fed:
+            problems.append(f"graph input {name!r} has no role in the manifest's inputs")
+    unknown_roles = sorted(set(manifest["inputs"]) - set(_INPUT_ROLES))
+    if unknown_roles:
+        problems.append(f"input roles {unknown_roles} are unknown to this worker (it feeds {list(_INPUT_ROLES)})")
     for role, name in manifest["outputs"].items():
         if name not in outputs:
             problems.append(f"output {role}={name!r} not in graph outputs {sorted(outputs)}")

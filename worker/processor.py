@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from worker import dead_letters as reasons
 from worker.config import EMIT_COALESCE, ON_MODEL_CHANGE_REBUILD, Settings
 from worker.dead_letters import build_dead_letter
 from worker.events import Event, InvalidEvent, decode_event
@@ -217,7 +218,13 @@ class Processor:
                 break
             states = [users[user_id].state for user_id, _ in wave]
             entries = [entry for _, entry in wave]
-            self._step(states, [e.item_id for e in entries], [e.event_type for e in entries], exclude=None)
+            self._step(
+                states,
+                [e.item_id for e in entries],
+                [e.event_type for e in entries],
+                exclude=None,
+                values=[e.value for e in entries],
+            )
             for state in states:
                 state.events_absorbed += 1
             wave_index += 1
@@ -238,7 +245,7 @@ class Processor:
     def _next_unapplied(
         self, user_id: str, batch: _UserBatch, cursors: dict[str, int], result: BatchResult
     ) -> _PendingEvent | None:
-        """Advance the user's cursor past events the state already holds; return the next one to apply."""
+        """Advance the user's cursor past events the state already contains or rejects; return the next one to apply."""
         while cursors[user_id] < len(batch.events):
             pending = batch.events[cursors[user_id]]
             cursors[user_id] += 1
@@ -251,11 +258,19 @@ class Processor:
                     # ahead of the changelog (its changelog record was lost with the process),
                     # so it is written again to bring the changelog up to date.
                     batch.changed = True
+                else:
+                    # The same event id at a new position was produced twice upstream.
+                    result.dead_letters.append(self._dead_letter(message, _duplicate_event(pending, batch.state)))
                 self.metrics.events_skipped.labels("offset" if by_offset else "event_id").inc()
                 log.debug(
                     "event already applied, skipped: user=%s event_id=%s %s[%d] offset=%d",
                     user_id, pending.event.event_id, message.topic, message.partition, message.offset,
                 )
+                continue
+
+            tolerance_ms = self.settings.out_of_order_tolerance_ms
+            if pending.event.timestamp_ms < batch.state.last_timestamp_ms - tolerance_ms:
+                result.dead_letters.append(self._dead_letter(message, _out_of_order_event(pending, batch.state, tolerance_ms)))
                 continue
             return pending
         del cursors[user_id]
@@ -265,7 +280,7 @@ class Processor:
         states = [users[user_id].state for user_id, _ in wave]
         for state, (_, pending) in zip(states, wave):
             state.remember(
-                RecentEvent(pending.event.item_id, pending.event.event_type, pending.event.event_id),
+                RecentEvent(pending.event.item_id, pending.event.event_type, pending.event.event_id, pending.event.value),
                 self.settings.recent_items,
             )
         output = self._step(
@@ -273,6 +288,7 @@ class Processor:
             [pending.event.item_id for _, pending in wave],
             [pending.event.event_type for _, pending in wave],
             exclude=[state.recent for state in states],
+            values=[pending.event.value for _, pending in wave],
         )
 
         produced_at_ms = int(time.time() * 1000)
@@ -299,6 +315,7 @@ class Processor:
         item_ids: list[str],
         event_types: list[str],
         exclude: list[list[RecentEvent]] | None,
+        values: list[float | None] | None = None,
     ):
         """Run one ONNX step for a batch of states and write the new hidden (and cell) states back."""
         model = self.model
@@ -312,8 +329,13 @@ class Processor:
         cell = np.stack([state.cell for state in states], axis=1) if model.has_cell_state else None
         exclude_matrix = self._exclude_matrix(exclude, len(states))  # (batch, n_exclude)
 
+        event_values = None
+        if model.uses_event_value and values is not None:
+            # The graph reads NaN as an absent value.
+            event_values = np.array([np.nan if value is None else value for value in values], dtype=np.float32)
+
         started = time.perf_counter()
-        output = model.step(items, types, hidden, exclude_matrix, cell)
+        output = model.step(items, types, hidden, exclude_matrix, cell, event_values)
         self.metrics.step_seconds.observe(time.perf_counter() - started)
 
         for row, state in enumerate(states):
@@ -359,3 +381,22 @@ class Processor:
         }
         value = json.dumps(body, separators=(",", ":")).encode("utf-8")
         return OutputMessage(key=user_id.encode("utf-8"), value=value, source_timestamp_ms=message.timestamp_ms)
+
+
+def _duplicate_event(pending: _PendingEvent, state: UserState) -> InvalidEvent:
+    return InvalidEvent(
+        reasons.DUPLICATE_EVENT,
+        f"event_id {pending.event.event_id!r} was already applied to user {pending.event.user_id!r} "
+        f"(last applied: {state.last_event_id!r} at partition {state.last_partition} offset {state.last_offset}); "
+        "give each event a unique event_id, or stop producing it twice",
+    )
+
+
+def _out_of_order_event(pending: _PendingEvent, state: UserState, tolerance_ms: int) -> InvalidEvent:
+    behind_ms = state.last_timestamp_ms - pending.event.timestamp_ms
+    return InvalidEvent(
+        reasons.OUT_OF_ORDER,
+        f"event timestamp {pending.event.timestamp_ms} ms is {behind_ms} ms before that of the user's last applied "
+        f"event {state.last_event_id!r} ({state.last_timestamp_ms} ms); the tolerance is {tolerance_ms} ms. Produce a "
+        "user's events in time order, or raise STREAMREC_OUT_OF_ORDER_TOLERANCE_MS to apply late events",
+    )

@@ -1,8 +1,8 @@
 """Per-user state record and its compact binary codec (the RocksDB table value).
 
-Layout (little endian), format 1:
+Layout (little endian), format 2:
 
-    magic  b"US" | format u8 | flags u8 (bit 0: cell state present)
+    magic  b"US" | format u8 | flags u8 (bit 0: cell state present, bit 1: recent values present)
     model_version    str16          (u16 length + UTF-8 bytes)
     events_absorbed  u64
     last_partition   i32
@@ -13,8 +13,12 @@ Layout (little endian), format 1:
     hidden           float32[num_layers * hidden_size]
     cell             float32[num_layers * hidden_size]   (LSTM only)
     recent count u16, then per entry: item_id str16 | event_type str16 | event_id str16
+                                      [| value f32, when flags bit 1 is set]
 
-Floats are stored as raw float32 bytes, so a round trip is exact.
+Values are written only when at least one recent event has one; an entry without a
+value then stores NaN. They are float32 because the step graph takes float32 values.
+Format 1 is the same without bit 1; it is still read. Floats are stored as raw bytes,
+so a round trip of float32 values is exact.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAGIC = b"US"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 _FLAG_CELL = 1
+_FLAG_VALUES = 2
 _HEADER = struct.Struct("<2sBB")
 _COUNTERS = struct.Struct("<QiqQ")
 _SHAPE = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
+_F32 = struct.Struct("<f")
 
 
 class StateCodecError(ValueError):
@@ -44,6 +51,8 @@ class RecentEvent:
     item_id: str
     event_type: str
     event_id: str
+    # The event's value (a rating, a price), which a model with a value input needs to rebuild the state.
+    value: float | None = None
 
 
 @dataclass
@@ -84,7 +93,12 @@ def encode_state(state: UserState) -> bytes:
     hidden = np.ascontiguousarray(state.hidden, dtype="<f4")
     if hidden.ndim != 2:
         raise StateCodecError(f"hidden state must be (num_layers, hidden_size), got shape {hidden.shape}")
-    flags = _FLAG_CELL if state.cell is not None else 0
+    with_values = any(entry.value is not None for entry in state.recent)
+    flags = 0
+    if state.cell is not None:
+        flags |= _FLAG_CELL
+    if with_values:
+        flags |= _FLAG_VALUES
 
     parts = [
         _HEADER.pack(MAGIC, FORMAT_VERSION, flags),
@@ -103,6 +117,8 @@ def encode_state(state: UserState) -> bytes:
     parts.append(_U16.pack(len(state.recent)))
     for entry in state.recent:
         parts += [_pack_str(entry.item_id), _pack_str(entry.event_type), _pack_str(entry.event_id)]
+        if with_values:
+            parts.append(_F32.pack(float("nan") if entry.value is None else entry.value))
     return b"".join(parts)
 
 
@@ -133,12 +149,20 @@ class _Reader:
         return np.frombuffer(self.take(4 * count), dtype="<f4").astype(np.float32)
 
 
+def _read_recent_event(reader: _Reader, with_value: bool) -> RecentEvent:
+    item_id, event_type, event_id = reader.string(), reader.string(), reader.string()
+    if not with_value:
+        return RecentEvent(item_id, event_type, event_id)
+    (value,) = reader.unpack(_F32)
+    return RecentEvent(item_id, event_type, event_id, None if value != value else value)
+
+
 def decode_state(data: bytes) -> UserState:
     """Parse bytes written by encode_state; raise StateCodecError on anything else."""
     reader = _Reader(data)
     magic, version, flags = reader.unpack(_HEADER)
-    if magic != MAGIC or version != FORMAT_VERSION:
-        raise StateCodecError(f"not a state record of format {FORMAT_VERSION}: header {bytes(data[:4])!r}")
+    if magic != MAGIC or version not in READABLE_FORMAT_VERSIONS:
+        raise StateCodecError(f"not a state record of format {READABLE_FORMAT_VERSIONS}: header {bytes(data[:4])!r}")
 
     model_version = reader.string()
     events_absorbed, last_partition, last_offset, last_timestamp_ms = reader.unpack(_COUNTERS)
@@ -150,7 +174,7 @@ def decode_state(data: bytes) -> UserState:
         cell = reader.floats(num_layers * hidden_size).reshape(num_layers, hidden_size)
 
     (count,) = reader.unpack(_U16)
-    recent = [RecentEvent(reader.string(), reader.string(), reader.string()) for _ in range(count)]
+    recent = [_read_recent_event(reader, bool(flags & _FLAG_VALUES)) for _ in range(count)]
     if reader.pos != len(data):
         raise StateCodecError(f"state record has {len(data) - reader.pos} trailing bytes")
 

@@ -108,7 +108,7 @@ def test_parity_detects_changed_weights(exported):
     changed = random_model(model.config.num_layers)
     changed.load_state_dict(model.state_dict())
     with torch.no_grad():
-        changed.gru.weight_hh_l0[0, 0] += 0.05
+        changed.rnn.weight_hh_l0[0, 0] += 0.05
 
     with pytest.raises(ParityError) as raised:
         check_parity(changed, graph_bytes, K, chained_steps=5)
