@@ -1,29 +1,47 @@
-"""Train the GRU model on the training prefixes, with early stopping on validation NDCG@10.
+"""Train the model on the training prefixes, with early stopping on validation NDCG@10.
 
-Each user's training prefix is one sequence: the input at step t is item t and the target
-is item t+1, with cross-entropy over the full catalogue. By default the softmax leaves out
-the items the user has seen up to step t, because evaluation excludes them from the
-ranking too. Sequences run whole through nn.GRU (no truncation), batched with users of
-similar length so that padding stays small.
+Each user's training prefix is one sequence: the input at step t is event t and the target
+is item t+1. By default the loss leaves out the items the user has seen up to step t as
+negatives, because evaluation excludes them from the ranking too. Two ways to batch:
+
+- ``sequence`` (default): sequences run whole through the cell (no truncation), batched
+  with users of similar length so that padding stays small, and gradients flow through
+  the whole sequence.
+- ``session_parallel``: GRU4Rec's mini-batches. Each of ``batch_size`` slots holds one
+  sequence and advances one event per step; a slot whose sequence ends takes the next one
+  and its state is reset to zero, and the batch shrinks once no sequence is left. The
+  state is detached after every step, so gradients cover one step.
+
+Either way the loss is one of ``export.losses.LOSSES``. With ``checkpoint_dir`` set, the
+best weights are saved there after every improvement (``best.pt``, the bundle checkpoint
+format) and the whole training state after every epoch (``last.pt``), from which
+``resume`` continues.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from export.evaluate import evaluate_model, pad_sequences
-from export.model import GRU4Rec, ModelConfig
+from export.evaluate import evaluate_model, pad_sequences, popularity_counts
+from export.losses import LOSSES, NegativeSampler, compute_loss
+from export.model import GRU4Rec, ModelConfig, RecurrentState
 from export.sequences import SplitDataset
 
 EARLY_STOPPING_METRIC = "ndcg@10"
+METHODS = ("sequence", "session_parallel")
+BEST_CHECKPOINT_FILE = "best.pt"
+LAST_CHECKPOINT_FILE = "last.pt"
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,19 @@ class TrainConfig:
     seed: int = 42
     # Wall-clock budget for the epoch loop, or None for no limit.
     max_minutes: float | None = None
+    method: str = "sequence"
+    loss: str = "cross_entropy"
+    # Popularity-weighted negatives drawn per mini-batch for the sampled losses, on top of
+    # the mini-batch's own targets.
+    num_negatives: int = 256
+    # Exponent on item popularity when drawing negatives: 0 is uniform, 1 is popularity.
+    negative_alpha: float = 0.75
+    # Weight of BPR-max's penalty on the squared scores of the negatives.
+    bpr_max_regularization: float = 1.0
+    # Folder for best.pt and last.pt, or None to keep checkpoints in memory only.
+    checkpoint_dir: str | None = None
+    # Continue from checkpoint_dir/last.pt when it exists.
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "batch_size", "patience"):
@@ -52,6 +83,16 @@ class TrainConfig:
             raise ValueError(f"learning_rate={self.learning_rate} must be positive.")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes={self.max_minutes} must be positive.")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not supported; expected one of {', '.join(METHODS)}.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not supported; expected one of {', '.join(LOSSES)}.")
+        if self.num_negatives < 0:
+            raise ValueError(f"num_negatives={self.num_negatives} must not be negative.")
+        if self.negative_alpha < 0:
+            raise ValueError(f"negative_alpha={self.negative_alpha} must not be negative.")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir, the folder that contains last.pt.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,8 +123,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def training_examples(dataset: SplitDataset) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Return (input items, input event types, target items) for each trainable user.
+@dataclass(frozen=True)
+class TrainingSequence:
+    """One user's inputs (events 0..n-2) and targets (items 1..n-1)."""
+
+    items: np.ndarray  # (length,) int64
+    event_types: np.ndarray  # (length,) int64
+    values: np.ndarray  # (length,) float32, NaN where absent
+    targets: np.ndarray  # (length,) int64
+
+
+def training_examples(dataset: SplitDataset) -> list[TrainingSequence]:
+    """Return the training sequence of each trainable user.
 
     A user needs two training items to have one (input, target) pair.
     """
@@ -91,7 +142,10 @@ def training_examples(dataset: SplitDataset) -> list[tuple[np.ndarray, np.ndarra
     for user in dataset.users:
         if len(user.train_items) < 2:
             continue
-        examples.append((user.train_items[:-1], user.train_event_types[:-1], user.train_items[1:]))
+        values = user.train_value_array()
+        examples.append(
+            TrainingSequence(user.train_items[:-1], user.train_event_types[:-1], values[:-1], user.train_items[1:])
+        )
     if not examples:
         raise ValueError("No user has two training interactions, so there is nothing to train on.")
     return examples
@@ -131,6 +185,42 @@ class EarlyStopping:
             self.epochs_without_gain += 1
         return self.epochs_without_gain >= self.patience
 
+    @property
+    def improved(self) -> bool:
+        """True when the last update found a new best."""
+        return self.epochs_without_gain == 0 and self.best_epoch > 0
+
+    def state_dict(self) -> dict:
+        return {
+            "best_state": self.best_state,
+            "best_metrics": self.best_metrics,
+            "best_epoch": self.best_epoch,
+            "epochs_without_gain": self.epochs_without_gain,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_state = state["best_state"]
+        self.best_metrics = state["best_metrics"]
+        self.best_epoch = state["best_epoch"]
+        self.epochs_without_gain = state["epochs_without_gain"]
+
+
+def build_model(dataset: SplitDataset, model_config: ModelConfig) -> GRU4Rec:
+    """Create the model and load the dataset's item feature table and value scaling into it."""
+    model = GRU4Rec(model_config)
+    if model_config.num_item_features:
+        features = dataset.item_features
+        available = 0 if features is None else features.num_features
+        if available != model_config.num_item_features:
+            raise ValueError(
+                f"The model expects {model_config.num_item_features} item features but the dataset has {available}; "
+                "load the item metadata or turn item features off."
+            )
+        model.set_item_features(features.table)
+    if model_config.use_event_value:
+        model.set_value_scaling(*dataset.value_scaling())
+    return model
+
 
 def train_model(
     dataset: SplitDataset,
@@ -138,25 +228,31 @@ def train_model(
     train_config: TrainConfig,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train from scratch and return the checkpoint with the best validation NDCG@10."""
+    """Train (from scratch or from last.pt) and return the checkpoint with the best validation NDCG@10."""
     seed_everything(train_config.seed)
     rng = np.random.default_rng(train_config.seed)
-    model = GRU4Rec(model_config)
+    model = build_model(dataset, model_config)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=train_config.learning_rate, weight_decay=train_config.weight_decay
     )
+    sampler = NegativeSampler(
+        popularity_counts(dataset), train_config.negative_alpha, torch.Generator().manual_seed(train_config.seed)
+    )
 
     examples = training_examples(dataset)
-    lengths = np.array([len(targets) for _, _, targets in examples])
+    lengths = np.array([len(example.targets) for example in examples])
     started = time.monotonic()
     deadline = None if train_config.max_minutes is None else started + 60.0 * train_config.max_minutes
     early_stopping = EarlyStopping(model, train_config.patience)
     stopped_because = f"reached max_epochs={train_config.max_epochs}"
-    history = []
+    history: list[EpochRecord] = []
+    first_epoch = 1
+    if train_config.resume:
+        first_epoch, history = _resume(train_config, model, optimizer, early_stopping, rng, sampler)
 
-    for epoch in range(1, train_config.max_epochs + 1):
+    for epoch in range(first_epoch, train_config.max_epochs + 1):
         epoch_started = time.monotonic()
-        train_loss = _train_epoch(model, optimizer, examples, lengths, train_config, rng, epoch, show_progress)
+        train_loss = _train_epoch(model, optimizer, examples, lengths, train_config, rng, sampler, epoch, show_progress)
         train_seconds = time.monotonic() - epoch_started
         metrics = evaluate_model(model, dataset, "valid")
         record = EpochRecord(
@@ -174,7 +270,10 @@ def train_model(
                 f"{record.events_per_second:,.0f} events/s"
             )
 
-        if early_stopping.update(epoch, metrics, model):
+        should_stop = early_stopping.update(epoch, metrics, model)
+        if train_config.checkpoint_dir is not None:
+            _save_checkpoints(train_config, epoch, model, optimizer, early_stopping, history, rng, sampler)
+        if should_stop:
             stopped_because = f"no better valid {EARLY_STOPPING_METRIC} for {train_config.patience} epochs"
             break
         if deadline is not None and time.monotonic() >= deadline:
@@ -193,63 +292,227 @@ def train_model(
     )
 
 
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def _save_checkpoints(
+    train_config: TrainConfig,
+    epoch: int,
+    model: GRU4Rec,
+    optimizer: torch.optim.Optimizer,
+    early_stopping: EarlyStopping,
+    history: list[EpochRecord],
+    rng: np.random.Generator,
+    sampler: NegativeSampler,
+) -> None:
+    folder = Path(train_config.checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if early_stopping.improved:
+        best = {"model_config": model.config.to_dict(), "state_dict": early_stopping.best_state}
+        _atomic_save(best, folder / BEST_CHECKPOINT_FILE)
+
+    last = {
+        "epoch": epoch,
+        "model_config": model.config.to_dict(),
+        "train_config": train_config.to_dict(),
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "early_stopping": early_stopping.state_dict(),
+        "history": [asdict(record) for record in history],
+        "numpy_rng": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "sampler_rng": sampler.generator.get_state(),
+        "python_rng": random.getstate(),
+    }
+    _atomic_save(last, folder / LAST_CHECKPOINT_FILE)
+
+
+def _atomic_save(document: dict, path: Path) -> None:
+    # Written beside the target, then renamed, so a crash never leaves half a checkpoint.
+    partial = path.with_suffix(".partial")
+    torch.save(document, partial)
+    os.replace(partial, path)
+
+
+def _resume(
+    train_config: TrainConfig,
+    model: GRU4Rec,
+    optimizer: torch.optim.Optimizer,
+    early_stopping: EarlyStopping,
+    rng: np.random.Generator,
+    sampler: NegativeSampler,
+) -> tuple[int, list[EpochRecord]]:
+    """Restore the training state from last.pt; return the next epoch and the history so far."""
+    path = Path(train_config.checkpoint_dir) / LAST_CHECKPOINT_FILE
+    if not path.exists():
+        return 1, []
+    # The file also stores optimizer and random generator states, which are not plain tensors.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint["model_config"] != model.config.to_dict():
+        raise ValueError(
+            f"{path} was written for model settings {checkpoint['model_config']}, not {model.config.to_dict()}; "
+            "use the same settings or another checkpoint folder."
+        )
+
+    model.load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    early_stopping.load_state_dict(checkpoint["early_stopping"])
+    rng.bit_generator.state = checkpoint["numpy_rng"]
+    torch.set_rng_state(checkpoint["torch_rng"])
+    sampler.generator.set_state(checkpoint["sampler_rng"])
+    random.setstate(checkpoint["python_rng"])
+    history = [EpochRecord(**record) for record in checkpoint["history"]]
+    return checkpoint["epoch"] + 1, history
+
+
+# -- one epoch --------------------------------------------------------------------------------
+
+
 def _train_epoch(
     model: GRU4Rec,
     optimizer: torch.optim.Optimizer,
-    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    examples: list[TrainingSequence],
     lengths: np.ndarray,
     train_config: TrainConfig,
     rng: np.random.Generator,
+    sampler: NegativeSampler,
     epoch: int,
     show_progress: bool,
 ) -> float:
     """Run one pass over the training examples and return the mean loss per target."""
     model.train()
-    batches = length_batches(lengths, train_config.batch_size, rng)
-    total_loss = 0.0
-    total_targets = 0
-
     # The bar counts training targets (events), so its rate is the throughput in events/s.
     progress = tqdm(total=int(lengths.sum()), desc=f"epoch {epoch}", unit="event", disable=not show_progress, leave=False)
-    for batch in batches:
-        loss, num_targets = _train_batch(model, optimizer, [examples[i] for i in batch], train_config)
-        total_loss += loss * num_targets
-        total_targets += num_targets
+    if train_config.method == "session_parallel":
+        batches = _session_parallel_batches(model, examples, train_config.batch_size, rng)
+    else:
+        batches = _sequence_batches(model, examples, lengths, train_config, rng)
 
-        progress.update(num_targets)
+    total_loss = 0.0
+    total_targets = 0
+    for outputs, targets, seen in batches:
+        loss = compute_loss(
+            train_config.loss,
+            model,
+            outputs,
+            targets,
+            seen=seen if train_config.exclude_seen_in_loss else None,
+            sampler=sampler,
+            num_negatives=train_config.num_negatives,
+            bpr_max_regularization=train_config.bpr_max_regularization,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
+        optimizer.step()
+
+        total_loss += float(loss.item()) * len(targets)
+        total_targets += len(targets)
+        progress.update(len(targets))
         progress.set_postfix(loss=f"{total_loss / total_targets:.4f}")
     progress.close()
     return total_loss / total_targets
 
 
-def _train_batch(
+# A training batch: cell outputs (targets, hidden), target items (targets,) and the
+# (targets, items) mask of already-seen items, the target's own column left False.
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _sequence_batches(
     model: GRU4Rec,
-    optimizer: torch.optim.Optimizer,
-    batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    examples: list[TrainingSequence],
+    lengths: np.ndarray,
     train_config: TrainConfig,
-) -> tuple[float, int]:
-    items, event_types = pad_sequences([(inputs, types) for inputs, types, _ in batch])  # (batch, time) each
-    targets, _ = pad_sequences([(targets, targets) for _, _, targets in batch])  # (batch, time)
-    mask = targets != 0  # (batch, time), False at padding, whose target is index 0
+    rng: np.random.Generator,
+) -> Iterator[Batch]:
+    """Yield whole-sequence batches of users with similar lengths."""
+    for batch in length_batches(lengths, train_config.batch_size, rng):
+        chosen = [examples[i] for i in batch]
+        items, event_types, values, targets = pad_sequences(
+            [(example.items, example.event_types, example.values, example.targets) for example in chosen]
+        )  # (batch, time) each
+        mask = targets != 0  # (batch, time), False at padding, whose target is index 0
 
-    outputs, _ = model(items, event_types)  # (batch, time, hidden)
-    # Score only real positions, so padding costs no catalogue-sized logits.
-    logits = model.score(outputs[mask])  # (targets, items)
-    if train_config.exclude_seen_in_loss:
-        logits = _mask_seen_items(logits, items, mask, targets[mask], model.config.num_items)
-    loss = F.cross_entropy(logits, targets[mask])
-
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
-    optimizer.step()
-    return float(loss.item()), int(mask.sum())
+        values = values if model.config.use_event_value else None
+        outputs, _ = model(items, event_types, values=values)  # (batch, time, hidden)
+        seen = seen_items(items, mask, targets[mask], model.config.num_items)  # (targets, items)
+        # Only real positions are scored, so padding costs no catalogue-sized logits.
+        yield outputs[mask], targets[mask], seen
 
 
-def _mask_seen_items(
-    logits: torch.Tensor, items: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, num_items: int
-) -> torch.Tensor:
-    """Set the logits of items seen up to each position to -inf, except the target's."""
+def _session_parallel_batches(
+    model: GRU4Rec, examples: list[TrainingSequence], batch_size: int, rng: np.random.Generator
+) -> Iterator[Batch]:
+    """Yield one step of every active slot; see the module docstring for the slot rules."""
+    order = rng.permutation(len(examples))
+    slots = min(batch_size, len(order))
+    slot_sequence = order[:slots].copy()  # (slots,) index into examples
+    slot_position = np.zeros(slots, dtype=np.int64)  # (slots,) next event of the slot's sequence
+    next_sequence = slots
+    state = model.initial_state(slots)
+    seen = torch.zeros(slots, model.config.num_items, dtype=torch.bool)  # (slots, items)
+
+    while len(slot_sequence):
+        chosen = [examples[i] for i in slot_sequence]
+        items = torch.tensor([example.items[p] for example, p in zip(chosen, slot_position)])  # (slots,)
+        event_types = torch.tensor([example.event_types[p] for example, p in zip(chosen, slot_position)])
+        targets = torch.tensor([example.targets[p] for example, p in zip(chosen, slot_position)])
+        values = None
+        if model.config.use_event_value:
+            values = torch.tensor(np.array([example.values[p] for example, p in zip(chosen, slot_position)]))[:, None]
+
+        outputs, state = model(items[:, None], event_types[:, None], state, values=values)  # (slots, 1, hidden)
+        seen[torch.arange(len(items)), items] = True
+        step_seen = seen.clone()
+        step_seen[torch.arange(len(targets)), targets] = False
+        yield outputs[:, 0], targets, step_seen
+
+        # Gradients cover one step, so the state is cut from the graph before the next.
+        state = _detach(state)
+        slot_position += 1
+        ended = np.flatnonzero(slot_position == [len(example.targets) for example in chosen])
+        keep = np.ones(len(slot_sequence), dtype=bool)
+        for slot in ended:
+            if next_sequence < len(order):
+                slot_sequence[slot] = order[next_sequence]
+                slot_position[slot] = 0
+                next_sequence += 1
+                state = _reset_slot(state, slot)
+                seen[slot] = False
+            else:
+                keep[slot] = False
+        if not keep.all():
+            # No sequence is left for these slots, so the batch shrinks.
+            slot_sequence, slot_position = slot_sequence[keep], slot_position[keep]
+            rows = torch.from_numpy(np.flatnonzero(keep))
+            state = _select_slots(state, rows)
+            seen = seen[rows]
+
+
+def _detach(state: RecurrentState) -> RecurrentState:
+    if isinstance(state, tuple):
+        return tuple(part.detach() for part in state)
+    return state.detach()
+
+
+def _reset_slot(state: RecurrentState, slot: int) -> RecurrentState:
+    def reset(part: torch.Tensor) -> torch.Tensor:
+        part = part.clone()
+        part[:, slot] = 0.0  # (layers, slots, hidden)
+        return part
+
+    return tuple(reset(part) for part in state) if isinstance(state, tuple) else reset(state)
+
+
+def _select_slots(state: RecurrentState, rows: torch.Tensor) -> RecurrentState:
+    if isinstance(state, tuple):
+        return tuple(part[:, rows].contiguous() for part in state)
+    return state[:, rows].contiguous()
+
+
+def seen_items(items: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Return the (targets, items) mask of items seen up to each position, except the target's."""
     batch, time = items.shape
     positions = torch.arange(time, dtype=torch.int32)  # (time,)
 
@@ -260,4 +523,11 @@ def _mask_seen_items(
 
     # A repeated item may be its own target; masking it would make the loss infinite.
     seen[torch.arange(len(targets)), targets] = False
-    return logits.masked_fill(seen, float("-inf"))
+    return seen
+
+
+def _mask_seen_items(
+    logits: torch.Tensor, items: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, num_items: int
+) -> torch.Tensor:
+    """Set the logits of items seen up to each position to -inf, except the target's."""
+    return logits.masked_fill(seen_items(items, mask, targets, num_items), float("-inf"))
