@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MOVIELENS_100K = "ml-100k"
@@ -25,6 +25,14 @@ ITEMS_FILE = "u.item"
 
 # u.item has id, title, release date, video release date, IMDb URL and 19 genre flags.
 ITEM_FIELD_COUNT = 24
+# The genres of u.item's flag columns, in column order (as listed in u.genre).
+MOVIELENS_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+# Release years from this one on get a feature each; earlier years share one per decade,
+# because MovieLens-100K has 1,348 of its 1,682 films from the 1990s.
+FIRST_SINGLE_RELEASE_YEAR = 1990
 
 DATA_DIR_ENV = "STREAMREC_DATA_DIR"
 CACHE_DIR_ENV = "STREAMREC_CACHE_DIR"
@@ -42,6 +50,43 @@ class DatasetError(Exception):
     """A dataset that is missing, malformed or failed to download."""
 
 
+# Bad rows quoted in a report or an error; all of them are counted.
+MAX_REPORTED_BAD_ROWS = 10
+
+
+@dataclass
+class BadRows:
+    """Count and first examples of the rows of one file that could not be read."""
+
+    source: str
+    count: int = 0
+    rows_read: int = 0
+    examples: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+
+    def add(self, line_number: int, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < MAX_REPORTED_BAD_ROWS:
+            self.examples.append((line_number, reason))
+
+    def summary(self) -> str:
+        shown = "; ".join(f"line {line}: {reason}" for line, reason in self.examples)
+        return (
+            f"{self.source}: {self.count} of {self.rows_read} rows are invalid "
+            f"(first {len(self.examples)} shown): {shown}"
+        )
+
+    def check(self, max_bad_rows: int) -> None:
+        """Raise DatasetError when more than ``max_bad_rows`` rows are bad."""
+        if self.count > max_bad_rows:
+            raise DatasetError(
+                f"{self.summary()}. Fix these rows, or pass --max-bad-rows {self.count} to leave them out."
+            )
+
+
+class BadRow(ValueError):
+    """One row that cannot be read; the message is the reason."""
+
+
 @dataclass(frozen=True)
 class Interaction:
     """One user-item event from the log."""
@@ -55,51 +100,53 @@ class Interaction:
     line: int
 
 
-def load_movielens(dataset_dir: Path) -> list[Interaction]:
+def load_movielens(dataset_dir: Path, max_bad_rows: int = 0, with_report: bool = False):
     """Read u.data (user, item, rating, timestamp in seconds) in file order.
 
     Every rating becomes an interaction of event type "rating" whose value is the
-    rating. A malformed row raises DatasetError naming the file, line and value.
+    rating. More than ``max_bad_rows`` malformed rows raise DatasetError naming the file,
+    the count and the first lines with their values; fewer are left out. Returns the
+    interactions, or (interactions, BadRows) when ``with_report`` is set.
     """
     path = Path(dataset_dir) / RATINGS_FILE
     text = _read_text(path, encoding="ascii")
 
     interactions = []
+    bad_rows = BadRows(str(path))
     for line_number, row in enumerate(text.splitlines(), start=1):
-        interactions.append(_parse_rating_row(path, line_number, row))
+        bad_rows.rows_read += 1
+        try:
+            interactions.append(_parse_rating_row(line_number, row))
+        except BadRow as error:
+            bad_rows.add(line_number, str(error))
+    bad_rows.check(max_bad_rows)
 
     if not interactions:
         raise DatasetError(f"{path} contains no ratings; expected one rating per line.")
-    return interactions
+    return (interactions, bad_rows) if with_report else interactions
 
 
-def _parse_rating_row(path: Path, line_number: int, row: str) -> Interaction:
+def _parse_rating_row(line_number: int, row: str) -> Interaction:
     fields = row.split("\t")
     if len(fields) != 4:
-        raise DatasetError(
-            f"{path}, line {line_number}: expected 4 tab-separated fields "
-            f"(user, item, rating, timestamp), found {len(fields)} in {row!r}."
+        raise BadRow(
+            f"expected 4 tab-separated fields (user, item, rating, timestamp), found {len(fields)} in {row!r}"
         )
     user_id, item_id, rating_text, timestamp_text = (field.strip() for field in fields)
 
     if not user_id:
-        raise DatasetError(f"{path}, line {line_number}: empty user id in {row!r}.")
+        raise BadRow(f"empty user id in {row!r}")
     if not item_id:
-        raise DatasetError(f"{path}, line {line_number}: empty item id in {row!r}.")
+        raise BadRow(f"empty item id in {row!r}")
 
     try:
         rating = float(rating_text)
     except ValueError:
-        raise DatasetError(
-            f"{path}, line {line_number}: invalid rating {rating_text!r}; expected a number."
-        ) from None
+        raise BadRow(f"invalid rating {rating_text!r}; expected a number") from None
 
     # Timestamps stay integers end to end: a float would create false ties.
     if not timestamp_text.isdigit():
-        raise DatasetError(
-            f"{path}, line {line_number}: invalid timestamp {timestamp_text!r}; "
-            "expected whole seconds since the epoch."
-        )
+        raise BadRow(f"invalid timestamp {timestamp_text!r}; expected whole seconds since the epoch")
     timestamp_ms = int(timestamp_text) * 1000
 
     return Interaction(
@@ -133,6 +180,38 @@ def load_item_titles(dataset_dir: Path) -> dict[str, str]:
             raise DatasetError(f"{path}, line {line_number}: duplicate item id {item_id!r}.")
         titles[item_id] = fields[1].strip()
     return titles
+
+
+def load_movielens_item_tags(dataset_dir: Path) -> dict[str, list[str]]:
+    """Read u.item into {item id: feature names}: its genres and its release period.
+
+    Feature names look like "genre=Comedy" and "release=1995" (or "release=1970s" before
+    1990). A film without a release date gets no release feature.
+    """
+    path = Path(dataset_dir) / ITEMS_FILE
+    text = _read_text(path, encoding="latin-1")
+
+    tags: dict[str, list[str]] = {}
+    for line_number, row in enumerate(text.splitlines(), start=1):
+        fields = row.split("|")
+        if len(fields) != ITEM_FIELD_COUNT:
+            raise DatasetError(
+                f"{path}, line {line_number}: expected {ITEM_FIELD_COUNT} '|'-separated "
+                f"fields, found {len(fields)} in {row!r}."
+            )
+        item_tags = [f"genre={genre}" for genre, flag in zip(MOVIELENS_GENRES, fields[5:]) if flag.strip() == "1"]
+        year = fields[2].strip()[-4:]
+        if year.isdigit():
+            item_tags.append(f"release={release_period(int(year))}")
+        tags[fields[0].strip()] = item_tags
+    return tags
+
+
+def release_period(year: int) -> str:
+    """Return the release feature value: the year itself from 1990 on, else its decade."""
+    if year >= FIRST_SINGLE_RELEASE_YEAR:
+        return str(year)
+    return f"{year // 10 * 10}s"
 
 
 def _read_text(path: Path, encoding: str) -> str:
