@@ -1,4 +1,4 @@
-"""Command line: ``python -m export {train,evaluate,download}``.
+"""Command line: ``python -m export {train,evaluate,quality,search,download}``.
 
 User errors (a missing dataset, a bad bundle, an invalid option) print one sentence to
 stderr and exit with status 1, or 2 for option errors found by argparse.
@@ -17,11 +17,13 @@ from export.data import (
     DatasetError,
     default_cache_dir,
     download_movielens,
-    fingerprint_dataset,
-    load_item_titles,
-    load_movielens,
     resolve_dataset_dir,
 )
+from export.formats import FORMATS, LoadedLog, load_event_log, parse_columns
+
+# The default configuration's optional inputs; quality and search start from the same defaults.
+DEFAULT_ITEM_FEATURES = "on"
+DEFAULT_EVENT_VALUE = "on"
 
 TABLE_METRICS = ("recall@10", "ndcg@10", "mrr@10", "recall@20", "ndcg@20", "mrr@20", "coverage@10", "coverage@20")
 
@@ -40,28 +42,126 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative integer")
+    return value
+
+
+def dropout_rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a dropout rate in [0, 1)")
+    return value
+
+
+def column_mapping(text: str) -> dict[str, str]:
+    try:
+        return parse_columns(text)
+    except DatasetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_data_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--data",
+        help="MovieLens folder (ml-100k, or ML-1M/10M with ratings.dat), a folder containing ml-100k/, "
+        "or an event-log file (default: see `download`)",
+    )
+    command.add_argument("--format", choices=FORMATS, default="auto", help="event-log format (default: detected from --data)")
+    command.add_argument(
+        "--columns",
+        type=column_mapping,
+        help="column mapping for a CSV or Parquet log, e.g. user=uid,item=sku,time=ts,type=action,value=rating",
+    )
+    command.add_argument("--time-unit", choices=("s", "ms"), default="s", help="unit of numeric times in a log file (default s)")
+    command.add_argument(
+        "--max-bad-rows", type=non_negative_int, default=0,
+        help="bad rows to leave out before loading fails (default 0: any bad row is an error)",
+    )
+
+
+def add_model_options(command: argparse.ArgumentParser) -> None:
+    """Options that set the model and its training; their defaults are the default configuration."""
+    command.add_argument("--epochs", type=positive_int, default=40, help="maximum training epochs (default 40)")
+    command.add_argument("--cell", choices=("gru", "lstm"), default="gru", help="recurrent cell (default gru)")
+    command.add_argument("--hidden-size", type=positive_int, default=128, help="hidden state size (default 128)")
+    command.add_argument("--embedding-size", type=positive_int, default=64, help="item and event-type embedding size (default 64)")
+    command.add_argument("--layers", type=positive_int, default=1, help="stacked recurrent layers (default 1)")
+    command.add_argument(
+        "--tied-embeddings", action="store_true",
+        help="score items with the input item embedding instead of a separate output embedding",
+    )
+    command.add_argument("--embedding-dropout", type=dropout_rate, default=0.4, help="dropout on the input vector (default 0.4)")
+    command.add_argument("--hidden-dropout", type=dropout_rate, default=0.4, help="dropout on the cell outputs (default 0.4)")
+
+    command.add_argument(
+        "--item-features", choices=("on", "off"), default=DEFAULT_ITEM_FEATURES,
+        help=f"embed item side features (genres, release year, categories) when the data has them (default {DEFAULT_ITEM_FEATURES})",
+    )
+    command.add_argument(
+        "--event-value", choices=("on", "off"), default=DEFAULT_EVENT_VALUE,
+        help=f"feed each event's value (the rating) to the model as an input (default {DEFAULT_EVENT_VALUE})",
+    )
+
+    command.add_argument("--method", choices=("sequence", "session_parallel"), default="sequence", help="mini-batch method (default sequence)")
+    command.add_argument(
+        "--loss", choices=("cross_entropy", "sampled_cross_entropy", "bpr_max"), default="cross_entropy",
+        help="training loss (default cross_entropy over the full catalogue)",
+    )
+    command.add_argument(
+        "--negatives", type=non_negative_int, default=256,
+        help="popularity-weighted negatives per batch for the sampled losses, beside the batch's targets (default 256)",
+    )
+    command.add_argument("--negative-alpha", type=float, default=0.75, help="popularity exponent for drawing negatives (default 0.75)")
+    command.add_argument("--bpr-max-regularization", type=float, default=1.0, help="BPR-max score penalty weight (default 1.0)")
+
+    command.add_argument("--seed", type=int, default=42, help="seed for weights, batching, negatives and dropout (default 42)")
+    command.add_argument("--lr", type=positive_float, default=4e-3, help="Adam learning rate (default 0.004)")
+    command.add_argument("--batch-size", type=positive_int, default=32, help="user sequences (or session-parallel slots) per batch (default 32)")
+    command.add_argument("--patience", type=positive_int, default=8, help="epochs without a better valid NDCG@10 before stopping (default 8)")
+    command.add_argument("--max-minutes", type=positive_float, help="wall-clock limit for training, in minutes (default none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train, evaluate, export and write a model bundle")
-    train.add_argument("--data", help="dataset folder, or a folder containing ml-100k/ (default: see `download`)")
+    add_data_options(train)
     train.add_argument("--out", required=True, type=Path, help="bundle directory to write (replaced if it is a bundle)")
-    train.add_argument("--epochs", type=positive_int, default=40, help="maximum training epochs (default 40)")
-    train.add_argument("--hidden-size", type=positive_int, default=128, help="GRU hidden state size (default 128)")
-    train.add_argument("--embedding-size", type=positive_int, default=64, help="item and event-type embedding size (default 64)")
-    train.add_argument("--layers", type=positive_int, default=1, help="stacked GRU layers (default 1)")
+    add_model_options(train)
     train.add_argument("--k", type=positive_int, default=20, help="items the step graph returns per event (default 20)")
-    train.add_argument("--seed", type=int, default=42, help="seed for weights, batching and dropout (default 42)")
-    train.add_argument("--lr", type=positive_float, default=4e-3, help="Adam learning rate (default 0.004)")
-    train.add_argument("--batch-size", type=positive_int, default=32, help="user sequences per batch (default 32)")
-    train.add_argument("--patience", type=positive_int, default=8, help="epochs without a better valid NDCG@10 before stopping (default 8)")
-    train.add_argument("--max-minutes", type=positive_float, help="wall-clock limit for training, in minutes (default none)")
+    train.add_argument("--checkpoint-dir", type=Path, help="folder for best.pt (best weights) and last.pt (resumable state)")
+    train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/last.pt when it exists")
+    train.add_argument("--no-report", action="store_true", help="skip report.png in the bundle")
     train.add_argument("--quiet", action="store_true", help="hide the progress bar and per-epoch lines")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a bundle's model and the baselines on a dataset")
     evaluate.add_argument("--bundle", required=True, type=Path, help="bundle directory written by `train`")
-    evaluate.add_argument("--data", help="dataset folder, or a folder containing ml-100k/")
+    add_data_options(evaluate)
+
+    quality = commands.add_parser(
+        "quality", help="train the default configuration per seed and variant, and print test metrics beside the references"
+    )
+    add_data_options(quality)
+    quality.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds to train (default 42 43 44)")
+    quality.add_argument(
+        "--variants", nargs="+", choices=("gru", "lstm"), default=["gru", "lstm"],
+        help="cells to train with otherwise default settings (default gru lstm)",
+    )
+    quality.add_argument("--jobs", type=positive_int, default=1, help="trainings run at once, one thread each (default 1)")
+    quality.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    add_model_options(quality)
+
+    search = commands.add_parser("search", help="random or grid search over hyperparameters, best picked by validation NDCG@10")
+    add_data_options(search)
+    search.add_argument("--trials", type=positive_int, default=8, help="number of trials (default 8)")
+    search.add_argument("--strategy", choices=("random", "grid"), default="random", help="how trials are chosen (default random)")
+    search.add_argument("--space", type=Path, help="JSON file {option: [values]} replacing the default search space")
+    search.add_argument("--out", type=Path, required=True, help="folder for trials.jsonl, trials.csv and best.json")
+    add_model_options(search)
 
     download = commands.add_parser("download", help="download and unpack MovieLens-100K into the cache")
     download.add_argument(
@@ -76,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported late: exception types only, so `download` never loads torch.
     user_errors: tuple[type[Exception], ...] = (DatasetError,)
-    if args.command in ("train", "evaluate"):
+    if args.command in ("train", "evaluate", "quality", "search"):
         from export.bundle import BundleError
         from export.onnx_export import ExportError
         from export.parity import ParityError
@@ -88,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "evaluate":
             return run_evaluate(args)
+        if args.command == "quality":
+            from export.quality import run_quality
+
+            return run_quality(args)
+        if args.command == "search":
+            from export.search import run_search
+
+            return run_search(args)
         return run_download(args)
     except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
@@ -101,34 +209,54 @@ def run_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_split(data_arg: str | None, vocabulary=None):
+def load_log(args: argparse.Namespace) -> LoadedLog:
+    """Load the event log that the data options name, and report left-out bad rows."""
+    path = Path(args.data) if args.data is not None else None
+    if path is not None and path.suffix and not path.exists():
+        raise DatasetError(f"{path} not found; check --data.")
+    log_file_or_dat = path is not None and (path.is_file() or (path / "ratings.dat").is_file())
+    if args.format in ("auto", "movielens") and not log_file_or_dat:
+        path = resolve_dataset_dir(args.data)
+    elif path is None:
+        raise DatasetError(f"--format {args.format} needs --data, the log file or folder to read.")
+
+    log = load_event_log(path, args.format, args.columns, args.max_bad_rows, args.time_unit)
+    if log.bad_rows.count:
+        print(f"note: left out {log.bad_rows.summary()}")
+    return log
+
+
+def load_split(args: argparse.Namespace, vocabulary=None):
     from export.sequences import split_leave_one_out
 
-    dataset_dir = resolve_dataset_dir(data_arg)
-    interactions = load_movielens(dataset_dir)
-    dataset = split_leave_one_out(interactions, vocabulary)
+    log = load_log(args)
+    dataset = split_leave_one_out(log.interactions, vocabulary, log.item_tags)
     users = len(dataset.users) + len(dataset.skipped_users)
     print(
-        f"data: {dataset_dir}: {len(interactions)} interactions, {users} users, "
+        f"data: {log.name}: {len(log.interactions)} interactions, {users} users, "
         f"{dataset.num_items - 1} items; {len(dataset.users)} users split "
         f"({len(dataset.skipped_users)} with fewer than 3 interactions left out)"
     )
-    return dataset_dir, dataset
+    return log, dataset
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from export.bundle import write_bundle
-    from export.evaluate import evaluate_all
+def build_configs(args: argparse.Namespace, dataset):
+    """Return (ModelConfig, TrainConfig) from the model options, for this dataset."""
     from export.model import ModelConfig
-    from export.onnx_export import ExportError
-    from export.train import TrainConfig, train_model
+    from export.train import TrainConfig
 
-    dataset_dir, dataset = load_split(args.data)
+    features = dataset.item_features if args.item_features == "on" else None
     model_config = ModelConfig(
         num_items=dataset.num_items,
+        cell=args.cell,
         embedding_size=args.embedding_size,
         hidden_size=args.hidden_size,
         num_layers=args.layers,
+        tied_embeddings=args.tied_embeddings,
+        embedding_dropout=args.embedding_dropout,
+        hidden_dropout=args.hidden_dropout,
+        num_item_features=0 if features is None else features.num_features,
+        use_event_value=args.event_value == "on" and dataset.has_values,
     )
     train_config = TrainConfig(
         max_epochs=args.epochs,
@@ -137,9 +265,43 @@ def run_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
         max_minutes=args.max_minutes,
+        method=args.method,
+        loss=args.loss,
+        num_negatives=args.negatives,
+        negative_alpha=args.negative_alpha,
+        bpr_max_regularization=args.bpr_max_regularization,
+        checkpoint_dir=None if getattr(args, "checkpoint_dir", None) is None else str(args.checkpoint_dir),
+        resume=getattr(args, "resume", False),
     )
+    return model_config, train_config
+
+
+def describe_inputs(args: argparse.Namespace, dataset, model_config) -> str:
+    """Return a line saying which optional inputs the model uses, and why others are off."""
+    parts = []
+    if model_config.num_item_features:
+        parts.append(f"{model_config.num_item_features} item features")
+    elif args.item_features == "on":
+        parts.append("no item features (the data has no item metadata)")
+    if model_config.use_event_value:
+        parts.append("event values")
+    elif args.event_value == "on":
+        parts.append("no event values (no event has one)")
+    return ", ".join(parts) or "item and event type only"
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from export.bundle import write_bundle
+    from export.evaluate import evaluate_all
+    from export.onnx_export import ExportError
+    from export.report import training_summary, write_report
+    from export.train import train_model
+
+    log, dataset = load_split(args)
+    model_config, train_config = build_configs(args, dataset)
     if not 1 <= args.k < dataset.num_items:
         raise ExportError(f"--k {args.k} is larger than the {dataset.num_items - 1} items in the dataset; lower --k.")
+    print(f"model: {model_config.cell}, {model_config.num_layers} layer(s), inputs: {describe_inputs(args, dataset, model_config)}")
 
     result = train_model(dataset, model_config, train_config, show_progress=not args.quiet)
     print(
@@ -149,13 +311,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     metrics = evaluate_all(result.model, dataset)
     print_metrics_table(metrics, len(dataset.users))
+    metrics["training"] = training_summary(result)
 
-    titles = load_item_titles(dataset_dir) if (dataset_dir / "u.item").exists() else {}
     training_data = {
-        "dataset": MOVIELENS_100K,
-        "fingerprint": fingerprint_dataset(dataset_dir),
+        "dataset": log.name,
+        "fingerprint": log.fingerprint,
         "interactions": dataset.num_interactions,
         "users": len(dataset.users) + len(dataset.skipped_users),
+        "bad_rows_left_out": log.bad_rows.count,
     }
     run_summary = {
         "training_run": {
@@ -169,12 +332,13 @@ def run_train(args: argparse.Namespace) -> int:
         args.out,
         result.model,
         dataset.vocabulary,
-        titles,
+        log.titles,
         metrics,
         train_config={"model": model_config.to_dict(), "training": train_config.to_dict()},
         training_data=training_data,
         k=args.k,
         extra_manifest=run_summary,
+        item_feature_names=dataset.item_features.names if model_config.num_item_features else None,
     )
 
     parity = bundle.parity
@@ -184,6 +348,8 @@ def run_train(args: argparse.Namespace) -> int:
         f"{parity.topk_positions_compared} top-k positions ({parity.random_batches} random batches, "
         f"{parity.chained_steps} chained steps, tolerance {parity.tolerance:g})"
     )
+    if not args.no_report:
+        print(f"report: {write_report(bundle.path, metrics, dataset=log.name).resolve()}")
     print(f"bundle: {bundle.path.resolve()}")
     print(f"model_version: {bundle.model_version}")
     return 0
@@ -196,12 +362,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     bundle = load_pytorch_model(args.bundle)
     vocabulary = ItemVocabulary(bundle.item_ids[1:])
-    dataset_dir, dataset = load_split(args.data, vocabulary)
+    log, dataset = load_split(args, vocabulary)
 
     expected = bundle.manifest.get("training_data", {}).get("fingerprint")
-    if expected and expected != fingerprint_dataset(dataset_dir):
+    if expected and expected != log.fingerprint:
         print(
-            f"note: {dataset_dir} differs from the data this bundle was trained on "
+            f"note: {log.name} differs from the data this bundle was trained on "
             "(fingerprint mismatch), so these figures are not the bundle's own."
         )
 
