@@ -47,7 +47,7 @@ class Settings:
     state_dir: Path = _setting(Path("var/worker"), "Directory of the RocksDB state table (one database per partition).")
     web_host: str = _setting("127.0.0.1", "Address of the HTTP server for /metrics and health; 0.0.0.0 in a pod.")
     web_port: int = _setting(6066, "Port of the HTTP server for /metrics and health.")
-    batch_max_events: int = _setting(64, "Largest number of events applied in one ONNX Runtime call.")
+    batch_max_events: int = _setting(256, "Largest number of events applied in one ONNX Runtime call.")
     batch_max_ms: float = _setting(10.0, "Longest time in milliseconds to wait while filling a batch.")
     emit: str = _setting(
         EMIT_EVERY_EVENT,

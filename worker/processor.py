@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -77,11 +78,22 @@ class _PendingEvent:
 
 
 @dataclass
+class _Scored:
+    """The top-K of one applied event, kept until its recommendation message is built."""
+
+    pending: _PendingEvent
+    scores: np.ndarray  # (k,)
+    items: np.ndarray  # (k,) item indices
+    events_absorbed: int
+    produced_at_ms: int
+
+
+@dataclass
 class _UserBatch:
     state: UserState
     events: list[_PendingEvent]
     last_message: InputMessage
-    latest_recommendation: OutputMessage | None = None
+    latest: _Scored | None = None  # coalesced emission: only the last applied event's top-K is published
     changed: bool = False  # only changed states are written, so a fully replayed batch writes nothing
 
 
@@ -93,11 +105,13 @@ class Processor:
         self.metrics = metrics
         self.model = model
         self._event_types = frozenset(model.event_types)
+        self._item_json_prefixes = _item_json_prefixes(model)
 
     def set_model(self, model: StepModel) -> None:
         """Serve `model` from the next batch on; states of the old version are rebuilt or reset lazily."""
         self.model = model
         self._event_types = frozenset(model.event_types)
+        self._item_json_prefixes = _item_json_prefixes(model)
 
     def process(self, messages: Sequence[InputMessage], store: StateStore) -> BatchResult:
         """Decode, deduplicate and apply `messages`; read states from `store` but write none.
@@ -119,8 +133,8 @@ class Processor:
         for user_id, batch in users.items():
             if batch.changed:
                 result.state_updates.append((user_id, encode_state(batch.state), batch.last_message))
-            if batch.latest_recommendation is not None:
-                result.recommendations.append(batch.latest_recommendation)
+            if batch.latest is not None:
+                result.recommendations.append(self._recommendation(user_id, batch.latest))
         self._observe_recommendations(result.recommendations)
         return result
 
@@ -302,11 +316,13 @@ class Processor:
             state.last_timestamp_ms, state.last_event_id = event.timestamp_ms, event.event_id
             result.applied += 1
 
-            recommendation = self._recommendation(user_id, state, pending, output.scores[row], output.items[row], produced_at_ms)
+            scored = _Scored(pending, output.scores[row], output.items[row], state.events_absorbed, produced_at_ms)
             if coalesce:
-                users[user_id].latest_recommendation = recommendation
+                # The message is built once per user, after the last wave: most events of a
+                # busy user never need one.
+                users[user_id].latest = scored
             else:
-                result.recommendations.append(recommendation)
+                result.recommendations.append(self._recommendation(user_id, scored))
         self.metrics.events_applied.inc(len(wave))
 
     def _step(
@@ -353,33 +369,29 @@ class Processor:
                 matrix[row, : len(entries)] = [lookup.get(entry.item_id, 0) for entry in entries]
         return matrix
 
-    def _recommendation(
-        self,
-        user_id: str,
-        state: UserState,
-        pending: _PendingEvent,
-        scores: np.ndarray,
-        item_indices: np.ndarray,
-        produced_at_ms: int,
-    ) -> OutputMessage:
-        message, event = pending.message, pending.event
-        item_ids = self.model.item_ids
-        body = {
-            "user_id": user_id,
-            "items": [
-                {"item_id": item_ids[int(index)], "score": round(float(score), 6)}
-                for index, score in zip(item_indices, scores)
-                if np.isfinite(score)
-            ],
+    def _recommendation(self, user_id: str, scored: _Scored) -> OutputMessage:
+        message, event = scored.pending.message, scored.pending.event
+        # The items are written as JSON text from fragments cut once per model: json.dumps of
+        # a list of dicts was the largest cost of a recommendation. The result is the same JSON.
+        prefixes = self._item_json_prefixes
+        items = ",".join(
+            [
+                f"{prefixes[index]}{round(score, 6)!r}}}"
+                for index, score in zip(scored.items.tolist(), scored.scores.tolist())
+                if math.isfinite(score)
+            ]
+        )
+        rest = {
             "model_version": self.model.version,
             "event_id": event.event_id,
             "event_timestamp_ms": event.timestamp_ms,
             "event_kafka_timestamp_ms": message.timestamp_ms,
-            "events_absorbed": state.events_absorbed,
-            "produced_at_ms": produced_at_ms,
+            "events_absorbed": scored.events_absorbed,
+            "produced_at_ms": scored.produced_at_ms,
             "source": {"topic": message.topic, "partition": message.partition, "offset": message.offset},
         }
-        value = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        text = '{"user_id":' + json.dumps(user_id) + ',"items":[' + items + "]," + json.dumps(rest, separators=(",", ":"))[1:]
+        value = text.encode("utf-8")
         return OutputMessage(key=user_id.encode("utf-8"), value=value, source_timestamp_ms=message.timestamp_ms)
 
 
@@ -400,3 +412,8 @@ def _out_of_order_event(pending: _PendingEvent, state: UserState, tolerance_ms: 
         f"event {state.last_event_id!r} ({state.last_timestamp_ms} ms); the tolerance is {tolerance_ms} ms. Produce a "
         "user's events in time order, or raise STREAMREC_OUT_OF_ORDER_TOLERANCE_MS to apply late events",
     )
+
+
+def _item_json_prefixes(model: StepModel) -> list[str]:
+    """Return the JSON text of each item's entry in a recommendation, up to its score."""
+    return ['{"item_id":' + json.dumps(item_id) + ',"score":' for item_id in model.item_ids]
