@@ -53,6 +53,11 @@ class WorkerMetrics:
         self.states_expired = Counter(
             "streamrec_states_expired_total", "User states deleted after idling longer than STREAMREC_STATE_TTL_S.", registry=r
         )
+        self.offset_gaps = Counter(
+            "streamrec_offset_gaps_total",
+            "Jumps in an input partition's offsets within one assignment: events skipped before reaching the worker.",
+            registry=r,
+        )
         self.batch_failures = Counter(
             "streamrec_batch_failures_total",
             "Batches that raised while being processed or delivered; each is retried until it succeeds.",
