@@ -73,7 +73,7 @@ class Settings:
         "Largest record batch the producer sends per partition, in bytes; 1 sends one record per batch.",
     )
     producer_linger_ms: float = _setting(
-        5.0,
+        0.0,
         "Milliseconds the producer waits to gather more outputs into one request; 0 sends at once.",
     )
     out_of_order_tolerance_ms: int = _setting(

@@ -12,7 +12,7 @@ from devkit.replay import first_users, interaction_events, replay_events
 from export.bundle import load_pytorch_model, recommend_for_sequence
 from export.data import load_movielens
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 
 USERS = 20
 FIRST_PART = 15  # events per user before the model changes; below RECENT_ITEMS, so a rebuild replays them all

@@ -17,6 +17,8 @@ from worker.metrics import WorkerMetrics
 from worker.model import load_bundle
 from worker.processor import InputMessage, Processor
 
+pytestmark = pytest.mark.reliability
+
 CORPUS = bad_inputs()
 TOPIC = "user-events"
 
