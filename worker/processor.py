@@ -55,6 +55,19 @@ class StateStore(Protocol):
     def put(self, user_id: str, value: bytes, message: InputMessage) -> None: ...
 
 
+class DictStore:
+    """A StateStore over a dict, to run the processor without faust; outside faust a key's partition does not matter."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, bytes] = {}
+
+    def get(self, user_id: str, message: InputMessage) -> bytes | None:
+        return self.values.get(user_id)
+
+    def put(self, user_id: str, value: bytes, message: InputMessage) -> None:
+        self.values[user_id] = value
+
+
 @dataclass
 class BatchResult:
     recommendations: list[OutputMessage] = field(default_factory=list)

@@ -15,25 +15,12 @@ from worker.dead_letters import REASONS, parse_dead_letter
 from worker.events import KNOWN_EVENT_TYPES, InvalidEvent, decode_event
 from worker.metrics import WorkerMetrics
 from worker.model import load_bundle
-from worker.processor import InputMessage, Processor
+from worker.processor import DictStore, InputMessage, Processor
 
 pytestmark = pytest.mark.reliability
 
 CORPUS = bad_inputs()
 TOPIC = "user-events"
-
-
-class DictStore:
-    """The processor's StateStore over a dict, standing in for the faust table."""
-
-    def __init__(self) -> None:
-        self.states: dict[str, bytes] = {}
-
-    def get(self, user_id: str, message: InputMessage) -> bytes | None:
-        return self.states.get(user_id)
-
-    def put(self, user_id: str, value: bytes, message: InputMessage) -> None:
-        self.states[user_id] = value
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from worker.bench import VARIANT_NAMES, paced_messages, ratios, repeated, synthe
 from worker.bench_apps import SCORE_LAST_STEP, Recomputer, RecurrentStep, decode_history, encode_history
 from worker.metrics import WorkerMetrics
 from worker.model import load_bundle
-from worker.processor import InputMessage
+from worker.processor import DictStore, InputMessage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUICK_EVENTS = 3_000  # worker.bench.QUICK_EVENTS, written out so that a change to it shows here
@@ -24,19 +24,6 @@ EVERY_EVENT_VARIANTS = ("passthrough", "batch1", "batched", "recompute")
 # A quick run takes about 2 minutes: five workers share one group-join wait (about 30 s),
 # then come five small backlogs and paced phases. The limit leaves room for a busy machine.
 QUICK_RUN_TIMEOUT_S = 300
-
-
-class DictStore:
-    """A StateStore over a dict. Outside faust the partition of a key does not matter."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, bytes] = {}
-
-    def get(self, user_id: str, message: InputMessage) -> bytes | None:
-        return self.values.get(user_id)
-
-    def put(self, user_id: str, value: bytes, message: InputMessage) -> None:
-        self.values[user_id] = value
 
 
 def input_messages(events: list[dict]) -> list[InputMessage]:

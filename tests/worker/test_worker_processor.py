@@ -12,19 +12,8 @@ from schemas import load_validator
 from worker.config import Settings
 from worker.metrics import WorkerMetrics
 from worker.model import load_bundle
-from worker.processor import InputMessage, Processor
+from worker.processor import DictStore, InputMessage, Processor
 from worker.state import decode_state
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.values: dict[str, bytes] = {}
-
-    def get(self, user_id: str, message: InputMessage) -> bytes | None:
-        return self.values.get(user_id)
-
-    def put(self, user_id: str, value: bytes, message: InputMessage) -> None:
-        self.values[user_id] = value
 
 
 def messages_for(events: list[tuple[str, str]], partition: int = 0, first_offset: int = 0) -> list[InputMessage]:
@@ -58,7 +47,7 @@ EVENTS = [("u1", "1"), ("u2", "50"), ("u1", "2"), ("u1", "3"), ("u2", "51")]
 
 
 def test_every_event_emits_each_users_events_in_order(model):
-    store = MemoryStore()
+    store = DictStore()
 
     result = processor(model).process(messages_for(EVENTS), store)
     result.write_states(store)
@@ -74,7 +63,7 @@ def test_every_event_emits_each_users_events_in_order(model):
 def test_recommendations_match_schema(model):
     validator = load_validator("recommendation")
 
-    result = processor(model).process(messages_for(EVENTS), MemoryStore())
+    result = processor(model).process(messages_for(EVENTS), DictStore())
 
     for output in result.recommendations:
         body = json.loads(output.value)
@@ -84,8 +73,8 @@ def test_recommendations_match_schema(model):
 
 
 def test_coalesce_emits_each_users_last_event(model):
-    every_event = processor(model).process(messages_for(EVENTS), MemoryStore())
-    coalesced = processor(model, emit="coalesce").process(messages_for(EVENTS), MemoryStore())
+    every_event = processor(model).process(messages_for(EVENTS), DictStore())
+    coalesced = processor(model, emit="coalesce").process(messages_for(EVENTS), DictStore())
 
     bodies = {json.loads(output.value)["user_id"]: json.loads(output.value) for output in coalesced.recommendations}
     assert len(coalesced.recommendations) == 2
@@ -97,7 +86,7 @@ def test_coalesce_emits_each_users_last_event(model):
 
 
 def test_batch_split_matches_one_batch(model):
-    whole, split = MemoryStore(), MemoryStore()
+    whole, split = DictStore(), DictStore()
     messages = messages_for(EVENTS)
 
     processor(model).process(messages, whole).write_states(whole)
@@ -110,7 +99,7 @@ def test_batch_split_matches_one_batch(model):
 
 
 def test_redelivered_batch_changes_nothing(model):
-    store = MemoryStore()
+    store = DictStore()
     worker = processor(model)
     worker.process(messages_for(EVENTS), store).write_states(store)
     before = dict(store.values)
