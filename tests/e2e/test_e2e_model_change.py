@@ -80,7 +80,9 @@ def test_new_bundle_rebuilds_states_and_broken_bundle_is_rejected(
     manifest_path.write_text(json.dumps(manifest))
     pipeline.wait_for_metric("streamrec_model_reloads_total", 'result="failed"', 1)
 
-    extra = [dict(event, event_id=event["event_id"] + ":again") for event in rest[-5:]]
+    # Later than every replayed event, so that none is rejected as out of order.
+    after_ms = max(event["timestamp"] for event in rest) + 1000
+    extra = [dict(event, event_id=event["event_id"] + ":again", timestamp=after_ms + index) for index, event in enumerate(rest[-5:])]
     assert replay_events(broker.bootstrap, settings.events_topic, extra).ok
     assert collector.wait_for(settings.recommendations_topic, total + len(extra), timeout_s=120) == total + len(extra)
     latest = [json.loads(record.value) for record in collector.snapshot(settings.recommendations_topic)[total:]]
