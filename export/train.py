@@ -7,7 +7,7 @@ negatives, because evaluation excludes them from the ranking too. Two ways to ba
 - ``sequence`` (default): sequences run whole through the cell (no truncation), batched
   with users of similar length so that padding stays small, and gradients flow through
   the whole sequence.
-- ``session_parallel``: GRU4Rec's mini-batches. Each of ``batch_size`` slots holds one
+- ``session_parallel``: GRU4Rec's mini-batches. Each of ``batch_size`` slots contains one
   sequence and advances one event per step; a slot whose sequence ends takes the next one
   and its state is reset to zero, and the batch shrinks once no sequence is left. The
   state is detached after every step, so gradients cover one step.
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from export.evaluate import evaluate_model, pad_sequences, popularity_counts

@@ -55,7 +55,7 @@ def ensure_topics(
 
 
 def wait_for_broker(bootstrap: str, *, first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> int:
-    """Block until a broker at `bootstrap` answers a metadata request; return how many brokers the cluster has.
+    """Block until a broker at `bootstrap` responds to a metadata request; return how many brokers the cluster has.
 
     Each failed attempt logs a warning with the address and the next delay, which doubles up
     to `max_delay_s`. faust itself exits when its first connection fails, so a worker that

@@ -2,7 +2,7 @@
 
 Each BadInput is the exact key and value bytes to produce, the reason code the worker must
 give it and a fragment of the detail it must write. Inputs that are only wrong given what
-the user's state already holds (a repeated event id, an event far older than the last one)
+the user's state already contains (a repeated event id, an event far older than the last one)
 name the valid events that must be applied before them, under the same key.
 """
 
