@@ -1,8 +1,9 @@
 """Blend of ranking objectives, shared by the worker and the offline trade-off sweep.
 
 The step graph returns C candidates per event, ranked by preference (the next-item
-logit), with the probability that an interaction with each candidate is a strong one
-(purchase, add to cart, a high rating) when the model has a conversion head. The worker
+logit). When the model has a conversion head, it also returns for each candidate the
+probability that an interaction with it is a strong one (purchase, add to cart, a high
+rating). The worker
 adds live item popularity and re-ranks the candidates by
 
     blend = w_preference * preference + w_conversion * conversion + w_popularity * popularity
@@ -39,9 +40,9 @@ class BlendWeights:
         for name in OBJECTIVES:
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"blend weight {name}={value} must be a finite number >= 0.")
+                raise ValueError(f"blend weight {name}={value} must be a finite number >= 0; use 0 to leave the objective out.")
         if self.preference + self.conversion + self.popularity <= 0:
-            raise ValueError("at least one blend weight must be above 0.")
+            raise ValueError("invalid blend: every weight is 0; set at least one weight above 0.")
 
     @property
     def preference_only(self) -> bool:
@@ -68,7 +69,7 @@ def blend_scores(
 
     if weights.conversion:
         if conversion is None:
-            raise ValueError("the blend weighs conversion, but the model gives no conversion probabilities.")
+            raise ValueError("the blend weighs conversion, but the model has no conversion head; set the conversion weight to 0 or use a model with the head.")
         blended = blended + weights.conversion * np.asarray(conversion, dtype=np.float64)
     if weights.popularity and popularity is not None:
         counts = np.where(valid, np.asarray(popularity, dtype=np.float64), 0.0)
@@ -90,7 +91,7 @@ def cap_per_category(
 ) -> list[int]:
     """Pick up to k positions from ``order``, skipping any whose category already has max_per_category picks.
 
-    ``categories[position]`` holds the candidate's categories; an item in several
+    ``categories[position]`` contains the candidate's categories; an item in several
     categories counts towards each, and an item with none is never capped.
     """
     picked: list[int] = []
