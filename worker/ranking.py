@@ -106,3 +106,14 @@ def cap_per_category(
         if len(picked) == k:
             break
     return picked
+
+
+# Weight of one event of each type in live popularity. Event types outside this table
+# (types a model manifest adds) count as a view.
+DEFAULT_EVENT_WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "rating": 4.0}
+DEFAULT_HALF_LIFE_S = 86_400.0
+
+
+def decay_factor(elapsed_ms: float | np.ndarray, half_life_s: float) -> float | np.ndarray:
+    """Return the factor 2 ** (-elapsed / half-life) that ages a popularity count; elapsed below 0 counts as 0."""
+    return np.exp2(-np.maximum(elapsed_ms, 0.0) / (half_life_s * 1000.0))
