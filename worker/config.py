@@ -168,6 +168,19 @@ class Settings:
         """Faust names a table's changelog `<app id>-<table name>-changelog`."""
         return f"{self.app_id}-{self.state_table}-changelog"
 
+    @property
+    def item_activity_topic(self) -> str:
+        """The internal topic of per-item event weights, keyed by item id: it shards live popularity by item."""
+        return f"{self.app_id}-item-activity"
+
+    @property
+    def popularity_table(self) -> str:
+        return "item-popularity"
+
+    @property
+    def popularity_changelog_topic(self) -> str:
+        return f"{self.app_id}-{self.popularity_table}-changelog"
+
     @classmethod
     def env_names(cls) -> list[str]:
         return [ENV_PREFIX + f.name.upper() for f in dataclasses.fields(cls)]

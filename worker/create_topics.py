@@ -1,10 +1,11 @@
 """Create the worker's Kafka topics: `python -m worker.create_topics`.
 
 Reads the same STREAMREC_* settings as the worker and creates the events, state
-changelog, recommendations and dead-letter topics with STREAMREC_PARTITIONS partitions and
-STREAMREC_REPLICATION_FACTOR replicas. Topics that already exist with that partition count
-are left alone, so running it again is safe. The changelog topic also gets
-cleanup.policy=compact: faust restores the state table from it, and under the broker's
+changelog, recommendations, dead-letter, item-activity and item-popularity changelog
+topics with STREAMREC_PARTITIONS partitions and STREAMREC_REPLICATION_FACTOR replicas.
+Topics that already exist with that partition count are left alone, so running it again
+is safe. Both changelog topics also get
+cleanup.policy=compact: faust restores the tables from them, and under the broker's
 default policy (delete) states older than the retention time would be lost on the next
 recovery. On Kubernetes this runs as a Job before the worker starts
 (deploy/k8s/base/job-create-topics.yaml).
@@ -15,9 +16,9 @@ consuming only after the Job has created the topics, never against a topic the b
 auto-created with its own partition count.
 
 Exit status:
-  0  every topic exists (and, without --check, the changelog is compacted);
+  0  every topic exists (and, without --check, the changelogs are compacted);
   1  the broker is unreachable, a topic has another partition count, a topic is still
-     missing after --timeout-s (--check), or the changelog's cleanup policy cannot be set;
+     missing after --timeout-s (--check), or a changelog's cleanup policy cannot be set;
   2  a setting or an option is invalid.
 """
 
@@ -49,14 +50,16 @@ def planned_topics(settings: Settings) -> dict[str, int]:
         settings.changelog_topic,
         settings.recommendations_topic,
         settings.dead_letter_topic,
+        settings.item_activity_topic,
+        settings.popularity_changelog_topic,
     )
     return {name: settings.partitions for name in names}
 
 
 def create_worker_topics(settings: Settings, timeout_s: float = 60.0) -> tuple[list[str], bool]:
-    """Create the worker's missing topics and compact the changelog.
+    """Create the worker's missing topics and compact the changelogs.
 
-    Returns the names of the topics created and whether the changelog's cleanup policy was
+    Returns the names of the topics created and whether a changelog's cleanup policy was
     changed. Raises TopicSetupError (PartitionCountMismatch for a wrong partition count).
     """
     created = ensure_topics(
@@ -65,7 +68,9 @@ def create_worker_topics(settings: Settings, timeout_s: float = 60.0) -> tuple[l
         replication_factor=settings.replication_factor,
         timeout_s=timeout_s,
     )
-    changed = ensure_compacted(settings.bootstrap_servers, settings.changelog_topic, timeout_s)
+    changed = False
+    for changelog in (settings.changelog_topic, settings.popularity_changelog_topic):
+        changed = ensure_compacted(settings.bootstrap_servers, changelog, timeout_s) or changed
     return created, changed
 
 
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"create_topics: {action} topic={name} partitions={topics[name]}")
 
     action = "set" if changed else "already set"
-    print(f"create_topics: {action} cleanup.policy=compact on topic={settings.changelog_topic}")
+    changelogs = f"{settings.changelog_topic},{settings.popularity_changelog_topic}"
+    print(f"create_topics: {action} cleanup.policy=compact on topics={changelogs}")
     print(f"create_topics: done, created={len(created)} existing={len(topics) - len(created)}")
     return 0
 

@@ -63,6 +63,14 @@ class WorkerMetrics:
             "Batches that raised while being processed or delivered; each is retried until it succeeds.",
             registry=r,
         )
+        self.popularity_items = Gauge(
+            "streamrec_popularity_items", "Items with a live popularity count in this worker's view of the item-popularity table.", registry=r
+        )
+        self.popularity_records_invalid = Counter(
+            "streamrec_popularity_records_invalid_total",
+            "Item-activity or item-popularity records that could not be decoded and were skipped.",
+            registry=r,
+        )
         self.model_info = Info("streamrec_model", "The model bundle being served.", registry=r)
         self.table_keys = Gauge("streamrec_table_users", "User states held in the local table.", registry=r)
         self.consumer_lag = Gauge(

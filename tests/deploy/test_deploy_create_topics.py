@@ -61,14 +61,28 @@ def test_planned_topics_from_settings() -> None:
 
     topics = planned_topics(settings)
 
-    assert topics == {"user-events": 12, "recs-user-state-changelog": 12, "recommendations": 12, "user-events-dlq": 12}
+    assert topics == {
+        "user-events": 12,
+        "recs-user-state-changelog": 12,
+        "recommendations": 12,
+        "user-events-dlq": 12,
+        "recs-item-activity": 12,
+        "recs-item-popularity-changelog": 12,
+    }
 
 
 @pytest.mark.e2e
 def test_creates_topics_then_reports_existing(broker) -> None:
     names = _unique_topics()
     settings = {**names, "broker": f"kafka://{broker.bootstrap}", "partitions": "3", "replication_factor": "1"}
-    expected = [names["events_topic"], f"{names['app_id']}-user-state-changelog", names["recommendations_topic"], names["dead_letter_topic"]]
+    expected = [
+        names["events_topic"],
+        f"{names['app_id']}-user-state-changelog",
+        names["recommendations_topic"],
+        names["dead_letter_topic"],
+        f"{names['app_id']}-item-activity",
+        f"{names['app_id']}-item-popularity-changelog",
+    ]
 
     first = _run(**settings)
     second = _run(**settings)
@@ -79,9 +93,9 @@ def test_creates_topics_then_reports_existing(broker) -> None:
         assert counts[topic] == 3, topic
         assert f"create_topics: created topic={topic} partitions=3" in first.stdout
         assert f"create_topics: exists topic={topic} partitions=3" in second.stdout
-    assert "created=4 existing=0" in first.stdout
+    assert "created=6 existing=0" in first.stdout
     assert second.returncode == 0, second.stderr
-    assert "created=0 existing=4" in second.stdout
+    assert "created=0 existing=6" in second.stdout
 
 
 @pytest.mark.e2e
@@ -94,9 +108,11 @@ def test_changelog_compacted(broker) -> None:
     second = _run(**settings)
 
     assert first.returncode == 0, first.stderr
-    assert f"create_topics: set cleanup.policy=compact on topic={changelog}" in first.stdout
-    assert f"create_topics: already set cleanup.policy=compact on topic={changelog}" in second.stdout
+    popularity_changelog = f"{names['app_id']}-item-popularity-changelog"
+    assert f"create_topics: set cleanup.policy=compact on topics={changelog},{popularity_changelog}" in first.stdout
+    assert f"create_topics: already set cleanup.policy=compact on topics={changelog},{popularity_changelog}" in second.stdout
     assert _cleanup_policy(broker.bootstrap, changelog) == "compact"
+    assert _cleanup_policy(broker.bootstrap, popularity_changelog) == "compact"
     assert _cleanup_policy(broker.bootstrap, names["events_topic"]) != "compact"
 
 
@@ -173,7 +189,7 @@ def test_check_waits_until_topics_exist(broker) -> None:
 
     assert created.returncode == 0, created.stderr
     assert waiting.returncode == 0, stderr
-    assert "create_topics: all 4 topics exist with 2 partitions" in stdout
+    assert "create_topics: all 6 topics exist with 2 partitions" in stdout
     assert "waiting for topics: missing " in stderr
     assert names["dead_letter_topic"] in stderr
 
