@@ -478,10 +478,9 @@ class Processor:
         top_k = self.settings.top_k
         scores = np.full((len(keys), top_k), -np.inf, dtype=keys.dtype)
         picked_items = np.zeros((len(keys), top_k), dtype=items.dtype)
-        item_categories = self.model.categories
-        for row in range(len(keys)):
-            finite = int(np.count_nonzero(np.isfinite(keys[row])))
-            categories = [item_categories[index] for index in items[row].tolist()]
+        finite_counts = np.isfinite(keys).sum(axis=1).tolist()  # filtered-out candidates sort last
+        for row, finite in enumerate(finite_counts):
+            categories = _CandidateCategories(self.model.categories, items[row].tolist())
             picked = cap_per_category(order[row, :finite].tolist(), categories, self.settings.max_per_category, top_k)
             scores[row, : len(picked)] = keys[row, picked]
             picked_items[row, : len(picked)] = items[row, picked]
@@ -542,6 +541,19 @@ def _out_of_order_event(pending: _PendingEvent, state: UserState, tolerance_ms: 
         f"event {state.last_event_id!r} ({state.last_timestamp_ms} ms); the tolerance is {tolerance_ms} ms. Produce a "
         "user's events in time order, or raise STREAMREC_OUT_OF_ORDER_TOLERANCE_MS to apply late events",
     )
+
+
+class _CandidateCategories:
+    """The categories of one row's candidates by position, looked up only for the positions the cap visits."""
+
+    __slots__ = ("by_item_index", "items")
+
+    def __init__(self, by_item_index: list[frozenset[str]], items: list[int]) -> None:
+        self.by_item_index = by_item_index
+        self.items = items
+
+    def __getitem__(self, position: int) -> frozenset[str]:
+        return self.by_item_index[self.items[position]]
 
 
 def _allowed_items(settings: Settings, model: StepModel) -> np.ndarray | None:
