@@ -274,7 +274,7 @@ def _parse_event_weights(text: str, env_name: str) -> dict[str, float]:
 
 
 def _read_item_list(path_text: str, env_name: str) -> frozenset[str] | None:
-    """Read item ids, one per line; blank lines and text after '#' are ignored. Return None for an empty path."""
+    """Read item ids, one per line, ignoring blank lines and text after '#'. Return None for an empty path."""
     if not path_text.strip():
         return None
     path = Path(path_text.strip())

@@ -226,8 +226,8 @@ def _read_manifest(bundle_dir: Path) -> dict[str, Any]:
         _check_heads(manifest, path)
     elif "conversion" in manifest["outputs"]:
         raise BundleError(
-            f"{path}: format_version {manifest['format_version']} has no conversion output; a bundle with a "
-            "conversion head must be format 3"
+            f"{path}: outputs has a conversion role, which format_version {manifest['format_version']} does not "
+            "support; re-export the bundle, because only format 3 carries the conversion head"
         )
     return manifest
 
@@ -287,7 +287,7 @@ def _read_categories(path: Path, item_ids: list[str]) -> list[frozenset[str]]:
             raise BundleError(f"{path}:{line_number}: expected {expected} as in items.tsv, got {row[:2]!r}")
         names = row[2].split("|") if row[2] else []
         if any(not name for name in names):
-            raise BundleError(f"{path}:{line_number}: empty category name in {row[2]!r}")
+            raise BundleError(f"{path}:{line_number}: invalid categories {row[2]!r}: a category name is empty")
         categories.append(frozenset(names) if names else _NO_CATEGORIES)
     if len(categories) != len(item_ids):
         raise BundleError(f"{path}: {len(categories) - 1} rows, but items.tsv has {len(item_ids) - 1} items")

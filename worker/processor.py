@@ -156,6 +156,11 @@ class Processor:
         self._weights = settings.blend_weights
         blend = {"name": settings.blend_name, "weights": self._weights.as_dict()}
         self._blend_json = json.dumps(blend, separators=(",", ":"))
+        if self._weights.popularity and popularity is None:
+            log.warning(
+                "%sBLEND_POPULARITY=%s has no effect: the processor has no popularity source",
+                ENV_PREFIX, settings.blend_popularity,
+            )
         self._install(model)
 
     def check_model(self, model: StepModel) -> None:
@@ -454,6 +459,8 @@ class Processor:
         Scores are the graph's logits when the blend weighs preference alone, else the
         blended scores. Filtered-out and missing entries have a non-finite score.
         """
+        # NOTE: the lists and the cap choose among the graph's k candidates only, so a
+        # narrow allow list or a tight cap can publish fewer than top_k items.
         top_k = self.settings.top_k
         if self._graph_order:
             return output.scores[:, :top_k], output.items[:, :top_k]

@@ -109,7 +109,7 @@ def test_format_2_with_conversion_rejected(tmp_path):
     manifest["format_version"] = 2
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
 
-    with pytest.raises(BundleError, match="a bundle with a conversion head must be format 3"):
+    with pytest.raises(BundleError, match="only format 3 carries the conversion head"):
         load_bundle(bundle_dir)
 
 
@@ -136,7 +136,7 @@ CATEGORY_ROWS = ["1\ti1\tDrama", "2\ti2\t", "3\ti3\tComedy|Drama", "4\ti4\t"]
         (["index\titem_id\tcategories", "2\ti2\t"] + CATEGORY_ROWS[1:], ":2: expected index 1 item 'i1'"),
         (["index\titem_id\tcategories", "1\ti9\tDrama"] + CATEGORY_ROWS[1:], ":2: expected index 1 item 'i1'"),
         (["index\titem_id\tcategories", "1\ti1"] + CATEGORY_ROWS[1:], ":2: expected 3 tab-separated columns, got 2"),
-        (["index\titem_id\tcategories", "1\ti1\tDrama||Comedy"] + CATEGORY_ROWS[1:], ":2: empty category name"),
+        (["index\titem_id\tcategories", "1\ti1\tDrama||Comedy"] + CATEGORY_ROWS[1:], ":2: invalid categories 'Drama||Comedy'"),
     ],
 )
 def test_malformed_categories_file_rejected(tmp_path, lines, expected):

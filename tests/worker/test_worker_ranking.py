@@ -124,8 +124,12 @@ def test_popularity_without_counts_keeps_preference_order(model):
     assert order == ["i1", "i2", "i3"]
 
 
-def test_popularity_weight_without_source_keeps_preference_order(model):
-    assert ranked(model, top_k=3, blend_popularity=1.0) == ["i1", "i2", "i3"]
+def test_popularity_without_source_warns(model, caplog):
+    with caplog.at_level(logging.WARNING, logger="worker.processor"):
+        order = ranked(model, top_k=3, blend_popularity=1.0)
+
+    assert order == ["i1", "i2", "i3"]
+    assert any("no popularity source" in record.getMessage() for record in caplog.records)
 
 
 STRONG_HISTORY = (("u1", "i1", "view"), ("u1", "i2", "purchase"), ("u1", "i3", "rating"), ("u1", "i4", "add_to_cart"))
