@@ -10,6 +10,7 @@ import sys
 from worker.config import ENV_PREFIX, Settings, SettingsError
 from worker.logs import logging_config
 from worker.model import BundleError, load_bundle
+from worker.processor import check_model_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = load_bundle(settings.bundle_dir, threads=settings.ort_threads, optimization=settings.ort_optimization)
+        check_model_settings(settings, model)
     except BundleError as exc:
         print(f"worker: cannot serve the model bundle: {exc}", file=sys.stderr)
         return 2

@@ -371,6 +371,7 @@ class ModelReloader:
             model = await asyncio.to_thread(
                 load_bundle, self.settings.bundle_dir, threads=self.settings.ort_threads, optimization=self.settings.ort_optimization
             )
+            self.processor.check_model(model)
         except BundleError as exc:
             self._rejected = signature
             self.metrics.model_reloads.labels("failed").inc()

@@ -6,8 +6,11 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
+
+from worker.ranking import DEFAULT_EVENT_WEIGHTS, DEFAULT_HALF_LIFE_S, BlendWeights
 
 ENV_PREFIX = "STREAMREC_"
 
@@ -16,6 +19,12 @@ EMIT_COALESCE = "coalesce"
 ON_MODEL_CHANGE_REBUILD = "rebuild"
 ON_MODEL_CHANGE_RESET = "reset"
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
+EXCLUDE_SEEN = "seen"
+EXCLUDE_STRONG = "strong"
+EXCLUDE_NONE = "none"
+# Event types that STREAMREC_EXCLUDE=strong keeps out of a user's recommendations.
+STRONG_EXCLUDE_EVENT_TYPES = frozenset({"purchase", "add_to_cart", "rating"})
+_MAX_BLEND_NAME_CHARS = 100
 
 
 class SettingsError(ValueError):
@@ -92,6 +101,28 @@ class Settings:
     commit_interval_s: float = _setting(1.0, "Seconds between consumer offset commits.")
     log_level: str = _setting("info", "Log level: debug, info, warning or error.", ("debug", "info", "warning", "error"))
     log_format: str = _setting("text", "text for people, json for one JSON object per line.", ("text", "json"))
+    top_k: int = _setting(20, "Items published per recommendation, taken from the bundle's k candidates after re-ranking; at most the bundle's k.")
+    blend_preference: float = _setting(1.0, "Blend weight of preference: the next-item probability relative to the best candidate's.")
+    blend_conversion: float = _setting(
+        0.0, "Blend weight of the conversion head's probability of a strong interaction; above 0 needs a bundle with the head."
+    )
+    blend_popularity: float = _setting(0.0, "Blend weight of live item popularity (decayed event counts, relative to the top candidate's).")
+    blend_name: str = _setting("default", "Label of the blend, copied into each recommendation so that A/B tests can tell blends apart.")
+    exclude: str = _setting(
+        EXCLUDE_SEEN,
+        "Recent items never recommended: seen = every recent item; strong = items the user purchased, added to cart or rated; none.",
+        (EXCLUDE_SEEN, EXCLUDE_STRONG, EXCLUDE_NONE),
+    )
+    allow_items_file: str = _setting(
+        "", "File of item ids, one per line ('#' comments), that recommendations are restricted to; empty allows every item."
+    )
+    deny_items_file: str = _setting("", "File of item ids, one per line ('#' comments), that are never recommended; empty denies none.")
+    max_per_category: int = _setting(0, "Most items of one category among the published items; 0 turns the cap off.")
+    popularity_half_life_s: float = _setting(DEFAULT_HALF_LIFE_S, "Seconds of event time after which an item's popularity count halves.")
+    popularity_event_weights: str = _setting(
+        ",".join(f"{name}={weight:g}" for name, weight in DEFAULT_EVENT_WEIGHTS.items()),
+        "Weight of one event of each type in popularity, as TYPE=WEIGHT pairs; types not listed count as a view.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -118,7 +149,7 @@ class Settings:
                 )
         positive = (
             "partitions", "replication_factor", "batch_max_events", "recent_items", "ort_threads", "max_event_bytes", "fetch_max_wait_ms",
-            "producer_max_batch_bytes",
+            "producer_max_batch_bytes", "top_k",
         )
         if self.out_of_order_tolerance_ms < 0:
             raise SettingsError(f"invalid {ENV_PREFIX}OUT_OF_ORDER_TOLERANCE_MS={self.out_of_order_tolerance_ms}: must be >= 0")
@@ -153,6 +184,48 @@ class Settings:
             )
         if not 0 < self.web_port < 65536:
             raise SettingsError(f"invalid {ENV_PREFIX}WEB_PORT={self.web_port}: expected a TCP port 1-65535")
+        self._validate_ranking()
+
+    def _validate_ranking(self) -> None:
+        for name in ("blend_preference", "blend_conversion", "blend_popularity"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"invalid {ENV_PREFIX}{name.upper()}={getattr(self, name)}: must be >= 0 (0 leaves the objective out)")
+        if self.blend_preference + self.blend_conversion + self.blend_popularity <= 0:
+            raise SettingsError(
+                f"invalid blend: {ENV_PREFIX}BLEND_PREFERENCE, {ENV_PREFIX}BLEND_CONVERSION and {ENV_PREFIX}BLEND_POPULARITY "
+                "are all 0; set at least one above 0"
+            )
+        if not self.blend_name or len(self.blend_name) > _MAX_BLEND_NAME_CHARS or not self.blend_name.isprintable():
+            raise SettingsError(
+                f"invalid {ENV_PREFIX}BLEND_NAME={self.blend_name!r}: expected 1 to {_MAX_BLEND_NAME_CHARS} printable characters"
+            )
+        if self.max_per_category < 0:
+            raise SettingsError(f"invalid {ENV_PREFIX}MAX_PER_CATEGORY={self.max_per_category}: must be >= 0 (0 turns the cap off)")
+        if self.popularity_half_life_s <= 0:
+            raise SettingsError(f"invalid {ENV_PREFIX}POPULARITY_HALF_LIFE_S={self.popularity_half_life_s}: must be > 0")
+        # These raise SettingsError on an invalid value or an unreadable file.
+        self.popularity_event_weight_map
+        self.allow_items
+        self.deny_items
+
+    @property
+    def blend_weights(self) -> BlendWeights:
+        return BlendWeights(self.blend_preference, self.blend_conversion, self.blend_popularity)
+
+    @cached_property
+    def popularity_event_weight_map(self) -> dict[str, float]:
+        """STREAMREC_POPULARITY_EVENT_WEIGHTS parsed: event type -> weight of one event."""
+        return _parse_event_weights(self.popularity_event_weights, f"{ENV_PREFIX}POPULARITY_EVENT_WEIGHTS")
+
+    @cached_property
+    def allow_items(self) -> frozenset[str] | None:
+        """Item ids of STREAMREC_ALLOW_ITEMS_FILE, or None when every item is allowed."""
+        return _read_item_list(self.allow_items_file, f"{ENV_PREFIX}ALLOW_ITEMS_FILE")
+
+    @cached_property
+    def deny_items(self) -> frozenset[str] | None:
+        """Item ids of STREAMREC_DENY_ITEMS_FILE, or None when no item is denied."""
+        return _read_item_list(self.deny_items_file, f"{ENV_PREFIX}DENY_ITEMS_FILE")
 
     @property
     def bootstrap_servers(self) -> str:
@@ -192,6 +265,38 @@ class Settings:
         for f in dataclasses.fields(cls):
             lines.append(f"{ENV_PREFIX}{f.name.upper():<24} default={f.default!s:<28} {f.metadata['help']}")
         return "\n".join(lines)
+
+
+def _parse_event_weights(text: str, env_name: str) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for pair in text.split(","):
+        name, separator, number = (part.strip() for part in pair.partition("="))
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = math.nan
+        if not separator or not name or not math.isfinite(weight) or weight < 0:
+            raise SettingsError(
+                f"invalid {env_name}={text!r}: entry {pair.strip()!r} is not TYPE=WEIGHT with a finite weight >= 0; "
+                "expected for example view=1,click=2,purchase=8"
+            )
+        if name in weights:
+            raise SettingsError(f"invalid {env_name}={text!r}: event type {name!r} is listed twice")
+        weights[name] = weight
+    return weights
+
+
+def _read_item_list(path_text: str, env_name: str) -> frozenset[str] | None:
+    """Read item ids, one per line, ignoring blank lines and text after '#'. Return None for an empty path."""
+    if not path_text.strip():
+        return None
+    path = Path(path_text.strip())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"invalid {env_name}={path_text!r}: cannot read the item list ({exc}); fix the path or set it empty") from None
+    item_ids = (line.partition("#")[0].strip() for line in text.splitlines())
+    return frozenset(item_id for item_id in item_ids if item_id)
 
 
 def _parse(f: dataclasses.Field, raw: str, env_name: str) -> Any:

@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 # Format 2 added the optional "value" input (the event value, NaN when absent) and the
 # item_features and event_value manifest sections; format 1 bundles have neither.
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# Format 3 added the "heads" section, the optional "conversion" output and the optional
+# categories file.
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 SUPPORTED_CELLS = ("gru", "lstm")
 _REQUIRED_KEYS = (
     "format_version", "model_version", "cell", "num_layers", "hidden_size", "num_items",
@@ -33,6 +35,11 @@ _OPT_LEVELS = {
 }
 
 
+_CATEGORIES_HEADER = ["index", "item_id", "categories"]
+_CATEGORIES_HEADER_TEXT = "\t".join(_CATEGORIES_HEADER)
+_NO_CATEGORIES: frozenset[str] = frozenset()
+
+
 class BundleError(ValueError):
     """A model bundle is missing, corrupt, or its manifest does not match its graph."""
 
@@ -43,6 +50,8 @@ class StepOutput:
     cell: np.ndarray | None  # (num_layers, batch, hidden_size), LSTM only
     scores: np.ndarray  # (batch, k)
     items: np.ndarray  # (batch, k) item indices
+    # (batch, k) probability that an interaction with each item is strong; None without a conversion head
+    conversion: np.ndarray | None = None
 
 
 class StepModel:
@@ -51,7 +60,14 @@ class StepModel:
     Item index 0 is reserved for unknown items; the graph never ranks it.
     """
 
-    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], session: ort.InferenceSession, item_ids: list[str]):
+    def __init__(
+        self,
+        bundle_dir: Path,
+        manifest: dict[str, Any],
+        session: ort.InferenceSession,
+        item_ids: list[str],
+        categories: list[frozenset[str]] | None = None,
+    ):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.session = session
@@ -64,11 +80,16 @@ class StepModel:
         self.item_ids = item_ids  # index -> item id; index 0 is ""
         self.item_index = {item_id: index for index, item_id in enumerate(item_ids) if index > 0}
         self.event_type_index = {name: index for index, name in enumerate(self.event_types)}
+        # Item index -> the item's categories; index 0 and items without a category have none.
+        self.categories: list[frozenset[str]] = categories if categories is not None else [_NO_CATEGORIES] * len(item_ids)
+        self.has_categories = any(self.categories)
         self._inputs: dict[str, str] = manifest["inputs"]
         self._outputs: dict[str, str] = manifest["outputs"]
         self._output_names = [self._outputs["hidden"], self._outputs["scores"], self._outputs["items"]]
         if self.has_cell_state:
             self._output_names.append(self._outputs["cell"])
+        if self.has_conversion:
+            self._output_names.append(self._outputs["conversion"])
 
     @property
     def uses_event_value(self) -> bool:
@@ -78,6 +99,11 @@ class StepModel:
     @property
     def has_cell_state(self) -> bool:
         return self.cell_type == "lstm"
+
+    @property
+    def has_conversion(self) -> bool:
+        """True when the graph returns each candidate's probability of a strong interaction."""
+        return "conversion" in self._outputs
 
     def initial_state(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Return the zero hidden (and cell) state of a new user, each (num_layers, hidden_size)."""
@@ -118,6 +144,7 @@ class StepModel:
             scores=results[1],
             items=results[2],
             cell=results[3] if self.has_cell_state else None,
+            conversion=results[-1] if self.has_conversion else None,
         )
 
 
@@ -136,6 +163,9 @@ def load_bundle(bundle_dir: Path | str, *, threads: int = 1, optimization: str =
         )
 
     item_ids = _read_items(bundle_dir / manifest["items_file"], manifest["num_items"])
+    categories = None
+    if manifest.get("categories_file") is not None:
+        categories = _read_categories(bundle_dir / manifest["categories_file"], item_ids)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -147,11 +177,13 @@ def load_bundle(bundle_dir: Path | str, *, threads: int = 1, optimization: str =
         raise BundleError(f"{graph_path}: ONNX Runtime cannot load the graph: {exc}") from exc
 
     _check_graph_matches_manifest(session, manifest, graph_path)
-    model = StepModel(bundle_dir, manifest, session, item_ids)
+    model = StepModel(bundle_dir, manifest, session, item_ids, categories)
     log.info(
-        "model bundle loaded: version=%s cell=%s layers=%d hidden=%d items=%d k=%d event_value=%s item_features=%d path=%s",
+        "model bundle loaded: version=%s cell=%s layers=%d hidden=%d items=%d k=%d event_value=%s item_features=%d "
+        "conversion=%s categories=%s path=%s",
         model.version, model.cell_type, model.num_layers, model.hidden_size, len(item_ids) - 1, model.k,
-        model.uses_event_value, len(manifest.get("item_features") or []), bundle_dir,
+        model.uses_event_value, len(manifest.get("item_features") or []), model.has_conversion, model.has_categories,
+        bundle_dir,
     )
     return model
 
@@ -190,7 +222,34 @@ def _read_manifest(bundle_dir: Path) -> dict[str, Any]:
         absent = [role for role in needed if role not in manifest[section]]
         if absent:
             raise BundleError(f"{path}: {section} lacks the roles {', '.join(absent)}")
+    if manifest["format_version"] >= 3:
+        _check_heads(manifest, path)
+    elif "conversion" in manifest["outputs"]:
+        raise BundleError(
+            f"{path}: outputs has a conversion role, which format_version {manifest['format_version']} does not "
+            "support; re-export the bundle, because only format 3 carries the conversion head"
+        )
     return manifest
+
+
+def _check_heads(manifest: dict[str, Any], path: Path) -> None:
+    """Check that the "heads" section names output roles that "outputs" lists, and that it matches them."""
+    heads = manifest.get("heads")
+    if not isinstance(heads, dict) or not isinstance(heads.get("preference"), dict):
+        raise BundleError(f"{path}: format 3 needs a \"heads\" object with at least a \"preference\" head, got {heads!r}")
+    for name, head in heads.items():
+        role = head.get("output") if isinstance(head, dict) else None
+        if role not in manifest["outputs"]:
+            raise BundleError(
+                f"{path}: head {name!r} names the output role {role!r}, which is not in outputs {sorted(manifest['outputs'])}"
+            )
+    has_head = "conversion" in heads
+    has_output = "conversion" in manifest["outputs"]
+    if has_head != has_output:
+        raise BundleError(
+            f"{path}: heads {'has' if has_head else 'lacks'} a conversion head but outputs "
+            f"{'lacks' if has_head else 'has'} the conversion role; re-export the bundle"
+        )
 
 
 def _read_items(path: Path, num_items: int) -> list[str]:
@@ -209,6 +268,30 @@ def _read_items(path: Path, num_items: int) -> list[str]:
             f"{path}: {len(item_ids) - 1} items plus the unknown-item index do not match the manifest's num_items={num_items}"
         )
     return item_ids
+
+
+def _read_categories(path: Path, item_ids: list[str]) -> list[frozenset[str]]:
+    """Read the item index -> categories table; rows must match items.tsv index by index."""
+    text = _read_file(path, "item categories").decode("utf-8")
+    rows = list(csv.reader(text.splitlines(), delimiter="\t"))
+    if not rows or rows[0] != _CATEGORIES_HEADER:
+        raise BundleError(f"{path}: expected the header {_CATEGORIES_HEADER_TEXT!r}, got {rows[:1]!r}")
+
+    categories = [_NO_CATEGORIES]
+    for line_number, row in enumerate(rows[1:], start=2):
+        index = len(categories)
+        if len(row) != 3:
+            raise BundleError(f"{path}:{line_number}: expected 3 tab-separated columns, got {len(row)}")
+        if index >= len(item_ids) or row[0] != str(index) or row[1] != item_ids[index]:
+            expected = f"index {index} item {item_ids[index]!r}" if index < len(item_ids) else "no more rows"
+            raise BundleError(f"{path}:{line_number}: expected {expected} as in items.tsv, got {row[:2]!r}")
+        names = row[2].split("|") if row[2] else []
+        if any(not name for name in names):
+            raise BundleError(f"{path}:{line_number}: invalid categories {row[2]!r}: a category name is empty")
+        categories.append(frozenset(names) if names else _NO_CATEGORIES)
+    if len(categories) != len(item_ids):
+        raise BundleError(f"{path}: {len(categories) - 1} rows, but items.tsv has {len(item_ids) - 1} items")
+    return categories
 
 
 def _check_graph_matches_manifest(session: ort.InferenceSession, manifest: dict[str, Any], graph_path: Path) -> None:
@@ -237,10 +320,13 @@ def _check_graph_matches_manifest(session: ort.InferenceSession, manifest: dict[
             name = manifest[section].get(role)
             if name in table and not _shape_matches(table[name].shape, state_shape):
                 problems.append(f"{section} {role}={name!r} has shape {table[name].shape}, manifest says {state_shape}")
-    for role in ("scores", "items"):
-        name = manifest["outputs"][role]
+    for role in ("scores", "items", "conversion"):
+        name = manifest["outputs"].get(role)
         if name in outputs and not _shape_matches(outputs[name].shape, [None, manifest["k"]]):
             problems.append(f"output {role}={name!r} has shape {outputs[name].shape}, manifest says k={manifest['k']}")
+    conversion = manifest["outputs"].get("conversion")
+    if conversion in outputs and outputs[conversion].type != "tensor(float)":
+        problems.append(f"output conversion={conversion!r} has type {outputs[conversion].type}, expected tensor(float)")
 
     if problems:
         raise BundleError(f"{graph_path}: the graph does not match manifest.json: " + "; ".join(problems))

@@ -18,11 +18,20 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from worker import dead_letters as reasons
-from worker.config import EMIT_COALESCE, ON_MODEL_CHANGE_REBUILD, Settings
+from worker.config import (
+    EMIT_COALESCE,
+    ENV_PREFIX,
+    EXCLUDE_NONE,
+    EXCLUDE_STRONG,
+    ON_MODEL_CHANGE_REBUILD,
+    STRONG_EXCLUDE_EVENT_TYPES,
+    Settings,
+)
 from worker.dead_letters import build_dead_letter
 from worker.events import Event, InvalidEvent, decode_event
 from worker.metrics import WorkerMetrics
-from worker.model import StepModel
+from worker.model import BundleError, StepModel, StepOutput
+from worker.ranking import blend_scores, cap_per_category, rank_candidates
 from worker.state import RecentEvent, StateCodecError, UserState, decode_state, encode_state
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,14 @@ class StateStore(Protocol):
     def get(self, user_id: str, message: InputMessage) -> bytes | None: ...
 
     def put(self, user_id: str, value: bytes, message: InputMessage) -> None: ...
+
+
+class PopularitySource(Protocol):
+    """Live item popularity that the blend reads when STREAMREC_BLEND_POPULARITY is above 0."""
+
+    def counts(self, model: StepModel, item_indices: np.ndarray) -> np.ndarray | None:
+        """Return the (batch, C) decayed event counts of the (batch, C) item indices, or None while none are known."""
+        ...
 
 
 class DictStore:
@@ -95,8 +112,8 @@ class _Scored:
     """The top-K of one applied event, kept until its recommendation message is built."""
 
     pending: _PendingEvent
-    scores: np.ndarray  # (k,)
-    items: np.ndarray  # (k,) item indices
+    scores: np.ndarray  # (top_k,) non-finite entries are left out of the message
+    items: np.ndarray  # (top_k,) item indices
     events_absorbed: int
     produced_at_ms: int
 
@@ -110,21 +127,72 @@ class _UserBatch:
     changed: bool = False  # only changed states are written, so a fully replayed batch writes nothing
 
 
-class Processor:
-    """Apply batches of input messages to user states through a StepModel."""
+def check_model_settings(settings: Settings, model: StepModel) -> None:
+    """Raise BundleError when `model` cannot serve the ranking that `settings` configure."""
+    if settings.top_k > model.k:
+        raise BundleError(
+            f"{model.bundle_dir}: {ENV_PREFIX}TOP_K={settings.top_k} is more than the bundle's k={model.k} candidates; "
+            f"lower {ENV_PREFIX}TOP_K or export the bundle with --candidates {settings.top_k} or more"
+        )
+    if settings.blend_conversion > 0 and not model.has_conversion:
+        raise BundleError(
+            f"{model.bundle_dir}: {ENV_PREFIX}BLEND_CONVERSION={settings.blend_conversion} needs a conversion head, and "
+            f"model {model.version} has none; set {ENV_PREFIX}BLEND_CONVERSION=0 or export the model with the head"
+        )
 
-    def __init__(self, settings: Settings, model: StepModel, metrics: WorkerMetrics) -> None:
+
+class Processor:
+    """Apply batches of input messages to user states through a StepModel.
+
+    `popularity`, when given, supplies live item popularity to the blend.
+    """
+
+    def __init__(
+        self, settings: Settings, model: StepModel, metrics: WorkerMetrics, popularity: PopularitySource | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.model = model
-        self._event_types = frozenset(model.event_types)
-        self._item_json_prefixes = _item_json_prefixes(model)
+        self.popularity = popularity
+        self._weights = settings.blend_weights
+        blend = {"name": settings.blend_name, "weights": self._weights.as_dict()}
+        self._blend_json = json.dumps(blend, separators=(",", ":"))
+        if self._weights.popularity and popularity is None:
+            log.warning(
+                "%sBLEND_POPULARITY=%s has no effect: the processor has no popularity source",
+                ENV_PREFIX, settings.blend_popularity,
+            )
+        self._install(model)
+
+    def check_model(self, model: StepModel) -> None:
+        """Raise BundleError when `model` cannot serve this processor's ranking settings."""
+        check_model_settings(self.settings, model)
 
     def set_model(self, model: StepModel) -> None:
-        """Serve `model` from the next batch on; states of the old version are rebuilt or reset lazily."""
+        """Serve `model` from the next batch on; states of the old version are rebuilt or reset lazily.
+
+        Raises BundleError, and keeps the current model, when `model` cannot serve the ranking settings.
+        """
+        self._install(model)
+
+    def _install(self, model: StepModel) -> None:
+        self.check_model(model)
+        allowed = _allowed_items(self.settings, model)
+        cap = self.settings.max_per_category > 0
+        if cap and not model.has_categories:
+            log.warning(
+                "%sMAX_PER_CATEGORY=%d has no effect: model %s has no item categories",
+                ENV_PREFIX, self.settings.max_per_category, model.version,
+            )
+            cap = False
+
         self.model = model
         self._event_types = frozenset(model.event_types)
         self._item_json_prefixes = _item_json_prefixes(model)
+        self._allowed = allowed
+        self._cap = cap
+        # The graph already returns its candidates best first, so without a blend or a rule
+        # publishing is a slice.
+        self._graph_order = self._weights.preference_only and allowed is None and not cap
 
     def process(self, messages: Sequence[InputMessage], store: StateStore) -> BatchResult:
         """Decode, deduplicate and apply `messages`; read states from `store` but write none.
@@ -314,9 +382,10 @@ class Processor:
             states,
             [pending.event.item_id for _, pending in wave],
             [pending.event.event_type for _, pending in wave],
-            exclude=[state.recent for state in states],
+            exclude=self._excluded(states),
             values=[pending.event.value for _, pending in wave],
         )
+        scores, items = self._rank(output)  # (batch, top_k) each
 
         produced_at_ms = int(time.time() * 1000)
         coalesce = self.settings.emit == EMIT_COALESCE
@@ -329,7 +398,7 @@ class Processor:
             state.last_timestamp_ms, state.last_event_id = event.timestamp_ms, event.event_id
             result.applied += 1
 
-            scored = _Scored(pending, output.scores[row], output.items[row], state.events_absorbed, produced_at_ms)
+            scored = _Scored(pending, scores[row], items[row], state.events_absorbed, produced_at_ms)
             if coalesce:
                 # The message is built once per user, after the last wave: most events of a
                 # busy user never need one.
@@ -373,6 +442,57 @@ class Processor:
                 state.cell = np.ascontiguousarray(output.cell[:, row, :])
         return output
 
+    def _excluded(self, states: list[UserState]) -> list[list[RecentEvent]] | None:
+        """Return each state's recent events whose items the graph must not recommend (STREAMREC_EXCLUDE)."""
+        mode = self.settings.exclude
+        if mode == EXCLUDE_NONE:
+            return None
+        if mode == EXCLUDE_STRONG:
+            return [[entry for entry in state.recent if entry.event_type in STRONG_EXCLUDE_EVENT_TYPES] for state in states]
+        return [state.recent for state in states]
+
+    # -- ranking ----------------------------------------------------------------------------
+
+    def _rank(self, output: StepOutput) -> tuple[np.ndarray, np.ndarray]:
+        """Return the (batch, top_k) scores and item indices to publish, best first.
+
+        Scores are the graph's logits when the blend weighs preference alone, else the
+        blended scores. Filtered-out and missing entries have a non-finite score.
+        """
+        # NOTE: the lists and the cap choose among the graph's k candidates only, so a
+        # narrow allow list or a tight cap can publish fewer than top_k items.
+        top_k = self.settings.top_k
+        if self._graph_order:
+            return output.scores[:, :top_k], output.items[:, :top_k]
+
+        keys = output.scores  # (batch, C) logits
+        if not self._weights.preference_only:
+            popularity = None
+            if self._weights.popularity and self.popularity is not None:
+                popularity = self.popularity.counts(self.model, output.items)
+            keys = blend_scores(keys, self._weights, output.conversion, popularity)
+        if self._allowed is not None:
+            keys = np.where(self._allowed[output.items], keys, -np.inf)
+
+        order = rank_candidates(keys)  # (batch, C) candidate positions, best first
+        if not self._cap:
+            order = order[:, :top_k]
+            return np.take_along_axis(keys, order, axis=1), np.take_along_axis(output.items, order, axis=1)
+        return self._capped(keys, output.items, order)
+
+    def _capped(self, keys: np.ndarray, items: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pick each row's best candidates under STREAMREC_MAX_PER_CATEGORY; rows with too few stay -inf padded."""
+        top_k = self.settings.top_k
+        scores = np.full((len(keys), top_k), -np.inf, dtype=keys.dtype)
+        picked_items = np.zeros((len(keys), top_k), dtype=items.dtype)
+        finite_counts = np.isfinite(keys).sum(axis=1).tolist()  # filtered-out candidates sort last
+        for row, finite in enumerate(finite_counts):
+            categories = _CandidateCategories(self.model.categories, items[row].tolist())
+            picked = cap_per_category(order[row, :finite].tolist(), categories, self.settings.max_per_category, top_k)
+            scores[row, : len(picked)] = keys[row, picked]
+            picked_items[row, : len(picked)] = items[row, picked]
+        return scores, picked_items
+
     def _exclude_matrix(self, exclude: list[list[RecentEvent]] | None, batch_size: int) -> np.ndarray:
         width = max((len(entries) for entries in exclude), default=0) if exclude else 0
         matrix = np.zeros((batch_size, max(width, 1)), dtype=np.int64)  # 0 pads: the unknown item is never ranked anyway
@@ -403,7 +523,10 @@ class Processor:
             "produced_at_ms": scored.produced_at_ms,
             "source": {"topic": message.topic, "partition": message.partition, "offset": message.offset},
         }
-        text = '{"user_id":' + json.dumps(user_id) + ',"items":[' + items + "]," + json.dumps(rest, separators=(",", ":"))[1:]
+        text = (
+            '{"user_id":' + json.dumps(user_id) + ',"items":[' + items + '],"blend":' + self._blend_json + ","
+            + json.dumps(rest, separators=(",", ":"))[1:]
+        )
         value = text.encode("utf-8")
         return OutputMessage(key=user_id.encode("utf-8"), value=value, source_timestamp_ms=message.timestamp_ms)
 
@@ -425,6 +548,43 @@ def _out_of_order_event(pending: _PendingEvent, state: UserState, tolerance_ms: 
         f"event {state.last_event_id!r} ({state.last_timestamp_ms} ms); the tolerance is {tolerance_ms} ms. Produce a "
         "user's events in time order, or raise STREAMREC_OUT_OF_ORDER_TOLERANCE_MS to apply late events",
     )
+
+
+class _CandidateCategories:
+    """The categories of one row's candidates by position, looked up only for the positions the cap visits."""
+
+    __slots__ = ("by_item_index", "items")
+
+    def __init__(self, by_item_index: list[frozenset[str]], items: list[int]) -> None:
+        self.by_item_index = by_item_index
+        self.items = items
+
+    def __getitem__(self, position: int) -> frozenset[str]:
+        return self.by_item_index[self.items[position]]
+
+
+def _allowed_items(settings: Settings, model: StepModel) -> np.ndarray | None:
+    """Return a (num_items,) mask of the item indices that the allow and deny lists let through, or None without lists."""
+    allow, deny = settings.allow_items, settings.deny_items
+    if allow is None and deny is None:
+        return None
+
+    allowed = np.ones(len(model.item_ids), dtype=bool)
+    if allow is not None:
+        allowed[:] = False
+        known = [model.item_index[item_id] for item_id in allow if item_id in model.item_index]
+        allowed[known] = True
+        log.info("allow list: %d item ids, %d of them in model %s", len(allow), len(known), model.version)
+        if not known:
+            log.warning(
+                "no item of %sALLOW_ITEMS_FILE=%s is in model %s: every recommendation will be empty",
+                ENV_PREFIX, settings.allow_items_file, model.version,
+            )
+    if deny is not None:
+        known = [model.item_index[item_id] for item_id in deny if item_id in model.item_index]
+        allowed[known] = False
+        log.info("deny list: %d item ids, %d of them in model %s", len(deny), len(known), model.version)
+    return allowed
 
 
 def _item_json_prefixes(model: StepModel) -> list[str]:

@@ -63,12 +63,13 @@ def test_every_event_emits_each_users_events_in_order(model):
 def test_recommendations_match_schema(model):
     validator = load_validator("recommendation")
 
-    result = processor(model).process(messages_for(EVENTS), DictStore())
+    worker = processor(model)
+    result = worker.process(messages_for(EVENTS), DictStore())
 
     for output in result.recommendations:
         body = json.loads(output.value)
         assert list(validator.iter_errors(body)) == []
-        assert len(body["items"]) == model.k
+        assert len(body["items"]) == worker.settings.top_k
         assert all(isinstance(item["score"], float) for item in body["items"])
 
 
