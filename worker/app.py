@@ -19,6 +19,7 @@ from worker.config import Settings
 from worker.expiry import StateExpiry
 from worker.metrics import WorkerMetrics
 from worker.model import BundleError, StepModel, load_bundle
+from worker.popularity import Count, CountCodecError, PopularityView, decode_count, encode_count, follow_changelog, merge_counts
 from worker.processor import BatchResult, InputMessage, Processor, StateStore
 from worker.shutdown import BatchTracker
 
@@ -40,6 +41,7 @@ class Components:
     metrics: WorkerMetrics
     table: Any
     tracker: BatchTracker
+    popularity: PopularityView | None = None
 
 
 class _TableStore:
@@ -195,6 +197,7 @@ async def process_and_deliver(
     table: Any,
     recommendations_topic: Any,
     dead_letter_topic: Any,
+    item_activity_topic: Any | None = None,
 ) -> BatchResult:
     """Run `process` over a batch of events from any partitions, send its outputs, then write its states.
 
@@ -212,6 +215,9 @@ async def process_and_deliver(
         deliveries.append(await dead_letter_topic.send(key=dead_letter.key, value=dead_letter.value))
     for recommendation in result.recommendations:
         deliveries.append(await recommendations_topic.send(key=recommendation.key, value=recommendation.value))
+    if item_activity_topic is not None:
+        for item_id, count in result.item_activity.items():
+            deliveries.append(await item_activity_topic.send(key=item_id.encode("utf-8"), value=encode_count(count)))
     await asyncio.gather(*deliveries)
     result.write_states(store)
     # faust may commit these events' offsets before their changelog records are sent (see StateTable).
@@ -222,10 +228,13 @@ async def process_and_deliver(
 def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | None = None) -> Components:
     """Build the faust app serving `model`; nothing connects to Kafka until the app starts."""
     metrics = metrics if metrics is not None else WorkerMetrics()
-    processor = Processor(settings, model, metrics)
     metrics.model_info.info({"version": model.version, "cell": model.cell_type, "path": str(model.bundle_dir)})
 
     app = build_faust_app(settings)
+    popularity, item_activity_topic = None, None
+    if settings.blend_popularity > 0:
+        popularity, item_activity_topic = _add_popularity(app, settings, metrics)
+    processor = Processor(settings, model, metrics, popularity=popularity)
     events_topic = app.topic(settings.events_topic, partitions=settings.partitions, **RAW)
     recommendations_topic = app.topic(settings.recommendations_topic, **RAW)
     dead_letter_topic = app.topic(settings.dead_letter_topic, **RAW)
@@ -283,7 +292,9 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         delay_s = RETRY_FIRST_DELAY_S
         while True:
             try:
-                await process_and_deliver(events, processor.process, table, recommendations_topic, dead_letter_topic)
+                await process_and_deliver(
+                    events, processor.process, table, recommendations_topic, dead_letter_topic, item_activity_topic
+                )
                 return
             except Exception:
                 metrics.batch_failures.inc()
@@ -324,8 +335,76 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
         reloader = ModelReloader(settings, processor, metrics)
         app.timer(interval=settings.model_poll_s, name="reload-model")(reloader.check)
 
-    _add_web_views(app, settings, processor, metrics, table)
-    return Components(app=app, settings=settings, processor=processor, metrics=metrics, table=table, tracker=tracker)
+    _add_web_views(app, settings, processor, metrics, table, popularity)
+    return Components(
+        app=app, settings=settings, processor=processor, metrics=metrics, table=table, tracker=tracker, popularity=popularity
+    )
+
+
+def _add_popularity(app: faust.App, settings: Settings, metrics: WorkerMetrics) -> tuple[PopularityView, Any]:
+    """Add the item-popularity table, the agent that counts item activity into it, and the task that follows it.
+
+    Returns the view that the ranking reads and the item-activity topic that the events
+    agent writes to.
+    """
+    half_life_s = settings.popularity_half_life_s
+    view = PopularityView(half_life_s)
+    activity_topic = app.topic(settings.item_activity_topic, partitions=settings.partitions, **RAW)
+    table = app.Table(settings.popularity_table, partitions=settings.partitions, **RAW)
+
+    def add_activity(events: Sequence[EventT]) -> None:
+        store = _TableStore(table, {(event.message.partition, event.message.offset): event for event in events})
+        merged: dict[str, tuple[Count, InputMessage]] = {}
+        for event in events:
+            message = to_input_message(event)
+            item_id = (message.key or b"").decode("utf-8", errors="replace")
+            try:
+                activity = decode_count(message.value)
+            except CountCodecError as exc:
+                metrics.popularity_records_invalid.inc()
+                log.error(
+                    "skipped an invalid item-activity record: item=%s %s[%d] offset=%d: %s",
+                    item_id, message.topic, message.partition, message.offset, exc,
+                )
+                continue
+            current = merged[item_id][0] if item_id in merged else _stored_count(store, item_id, message)
+            merged[item_id] = (merge_counts(current, activity, half_life_s), message)
+        for item_id, (count, message) in merged.items():
+            store.put(item_id, encode_count(count), message)
+
+    def _stored_count(store: _TableStore, item_id: str, message: InputMessage) -> Count | None:
+        raw = store.get(item_id, message)
+        if raw is None:
+            return None
+        try:
+            return decode_count(raw)
+        except CountCodecError as exc:
+            metrics.popularity_records_invalid.inc()
+            log.error("stored popularity of item %s is invalid, counting it afresh: %s", item_id, exc)
+            return None
+
+    async def count_item_activity(stream: StreamT) -> None:
+        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_max_ms / 1000):
+            delay_s = RETRY_FIRST_DELAY_S
+            while True:
+                try:
+                    add_activity(events)
+                    await table.wait_changelog_delivered()
+                    break
+                except Exception:
+                    metrics.batch_failures.inc()
+                    log.exception("item-activity batch of %d records failed; retrying in %.0f s", len(events), delay_s)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S)
+
+    async def follow_popularity() -> None:
+        await follow_changelog(
+            view, settings.bootstrap_servers, settings.popularity_changelog_topic, metrics.popularity_records_invalid.inc
+        )
+
+    app.agent(activity_topic, name="count-item-activity")(count_item_activity)
+    app.task(follow_popularity)
+    return view, activity_topic
 
 
 class ModelReloader:
@@ -386,11 +465,15 @@ class ModelReloader:
         log.info("model reloaded: version=%s previous=%s on_model_change=%s", model.version, previous, self.settings.on_model_change)
 
 
-def _add_web_views(app: faust.App, settings: Settings, processor: Processor, metrics: WorkerMetrics, table: Any) -> None:
+def _add_web_views(
+    app: faust.App, settings: Settings, processor: Processor, metrics: WorkerMetrics, table: Any, popularity: PopularityView | None
+) -> None:
     @app.page("/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
             metrics.table_keys.set(_count_local_keys(table))
+            if popularity is not None:
+                metrics.popularity_items.set(len(popularity))
             body = generate_latest(metrics.registry)
             return self.bytes(body, content_type=CONTENT_TYPE_LATEST.split(";")[0])
 

@@ -31,6 +31,7 @@ from worker.dead_letters import build_dead_letter
 from worker.events import Event, InvalidEvent, decode_event
 from worker.metrics import WorkerMetrics
 from worker.model import BundleError, StepModel, StepOutput
+from worker.popularity import Count, activity_records
 from worker.ranking import blend_scores, cap_per_category, rank_candidates
 from worker.state import RecentEvent, StateCodecError, UserState, decode_state, encode_state
 
@@ -93,6 +94,10 @@ class BatchResult:
     # only once the outputs above are delivered, so a crash never leaves a state that has
     # absorbed an event whose recommendation was lost.
     state_updates: list[tuple[str, bytes, InputMessage]] = field(default_factory=list)
+    # Live popularity input: one count per item the applied events touched, for the
+    # item-activity topic. Filled only when the processor has a popularity source.
+    item_activity: dict[str, Count] = field(default_factory=dict)
+    applied_events: list["_PendingEvent"] = field(default_factory=list)
     applied: int = 0
     skipped: int = 0
 
@@ -210,6 +215,11 @@ class Processor:
         self._refresh_stale_states(users)
 
         self._apply_waves(users, result)
+        if self.popularity is not None:
+            applied = ((pending.event.item_id, pending.event.event_type, pending.event.timestamp_ms) for pending in result.applied_events)
+            result.item_activity = activity_records(
+                applied, self.settings.popularity_event_weight_map, self.settings.popularity_half_life_s
+            )
 
         for user_id, batch in users.items():
             if batch.changed:
@@ -397,6 +407,8 @@ class Processor:
             state.last_partition, state.last_offset = message.partition, message.offset
             state.last_timestamp_ms, state.last_event_id = event.timestamp_ms, event.event_id
             result.applied += 1
+            if self.popularity is not None:
+                result.applied_events.append(pending)
 
             scored = _Scored(pending, scores[row], items[row], state.events_absorbed, produced_at_ms)
             if coalesce:
