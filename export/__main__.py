@@ -25,7 +25,7 @@ from export.formats import FORMATS, LoadedLog, load_event_log, parse_columns
 DEFAULT_ITEM_FEATURES = "on"
 DEFAULT_EVENT_VALUE = "on"
 
-# Graph top-k width that `train` writes unless --candidates says otherwise.
+# Graph top-k width that `train` writes unless --candidates sets another.
 DEFAULT_CANDIDATES = 100
 
 TABLE_METRICS = ("recall@10", "ndcg@10", "mrr@10", "recall@20", "ndcg@20", "mrr@20", "coverage@10", "coverage@20")

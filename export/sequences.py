@@ -84,7 +84,7 @@ def event_type_index(event_type: str) -> int:
 def strong_labels(event_types: np.ndarray, values: np.ndarray | None) -> np.ndarray:
     """Return 1.0 where an event is a strong interaction, else 0.0, in the shape of ``event_types``.
 
-    ``event_types`` holds indices into EVENT_TYPES and ``values`` the event values (NaN
+    ``event_types`` contains indices into EVENT_TYPES and ``values`` the event values (NaN
     where absent), or None when no event has a value.
     """
     event_types = np.asarray(event_types)

@@ -113,7 +113,7 @@ def check_grid_fits_bundle(blends: list[BlendWeights], bundle: PytorchBundle, bu
 # -- inputs of the blend ----------------------------------------------------------------------
 
 
-def test_candidates(bundle: PytorchBundle, dataset: SplitDataset, width: int) -> dict[str, np.ndarray]:
+def candidates_at_test(bundle: PytorchBundle, dataset: SplitDataset, width: int) -> dict[str, np.ndarray]:
     """Return each test user's top-``width`` candidates by preference, as evaluation ranks them.
 
     Keys: "items" (users, width) int64, "logits" (users, width) float32 with -inf where
@@ -143,10 +143,10 @@ def live_popularity(
 ) -> np.ndarray:
     """Return the decayed event count of each candidate at its user's test time: (users, width).
 
-    Users are processed in test-time order with one running vector: before each test
-    point the vector ages by the time since the previous one, then the events since then
-    that are strictly earlier than the test time are added, each aged from its own time.
-    Events on items outside the vocabulary are left out.
+    Users are processed in test-time order with one running vector. Before each test
+    point, the vector ages by the time since the previous test point. Then the events
+    since that point which are strictly earlier than the test time are added, each aged
+    from its own time. Events on items outside the vocabulary are left out.
     """
     vocabulary = dataset.vocabulary
     indices = np.array([vocabulary.index_of(event.item_id) for event in log_interactions], dtype=np.int64)
@@ -230,7 +230,7 @@ def sweep(
     progress=None,
 ) -> list[dict[str, Any]]:
     """Return one row per blend: {"weights": {...}, "metrics": {...}}."""
-    say = progress or (lambda message: None)
+    report_progress = progress or (lambda message: None)
     width = bundle.k
     cutoffs = tuple(k for k in CUTOFFS if k <= width)
     if not cutoffs:
@@ -239,9 +239,9 @@ def sweep(
         raise TradeoffError("the split has no test timestamps; build it with export.sequences.split_leave_one_out.")
 
     started = time.monotonic()
-    say(f"tradeoff: scoring {len(dataset.users)} test users, {width} candidates each")
-    candidates = test_candidates(bundle, dataset, width)
-    say(f"tradeoff: live popularity at each test time (half-life {half_life_s:g} s)")
+    report_progress(f"tradeoff: scoring {len(dataset.users)} test users, {width} candidates each")
+    candidates = candidates_at_test(bundle, dataset, width)
+    report_progress(f"tradeoff: live popularity at each test time (half-life {half_life_s:g} s)")
     popularity = live_popularity(log_interactions, dataset, candidates["items"], half_life_s)
     percentiles = popularity_percentiles(dataset)
     targets = np.array([user.test_item for user in dataset.users])
@@ -251,7 +251,7 @@ def sweep(
     for number, weights in enumerate(blends, start=1):
         metrics = blend_metrics(weights, candidates, popularity, targets, strong, percentiles, cutoffs)
         rows.append({"weights": weights.as_dict(), "metrics": metrics})
-        say(f"tradeoff: blend {number} of {len(blends)} done ({time.monotonic() - started:.1f} s)")
+        report_progress(f"tradeoff: blend {number} of {len(blends)} done ({time.monotonic() - started:.1f} s)")
     return rows
 
 

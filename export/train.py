@@ -14,7 +14,7 @@ negatives, because evaluation excludes them from the ranking too. Two ways to ba
 
 Either way the loss is one of ``export.losses.LOSSES``. A model with a conversion head
 adds ``conversion_weight`` x the binary cross-entropy of the head at each target item,
-whose label says whether the target's interaction was strong. With ``checkpoint_dir`` set, the
+labelled 1 when the target's interaction was strong. With ``checkpoint_dir`` set, the
 best weights are saved there after every improvement (``best.pt``, the bundle checkpoint
 format) and the whole training state after every epoch (``last.pt``), from which
 ``resume`` continues.
