@@ -1,4 +1,4 @@
-"""Command line: ``python -m export {train,evaluate,quality,search,download}``.
+"""Command line: ``python -m export {train,evaluate,tradeoff,quality,search,download}``.
 
 User errors (a missing dataset, a bad bundle, an invalid option) print one sentence to
 stderr and exit with status 1, or 2 for option errors found by argparse.
@@ -25,6 +25,9 @@ from export.formats import FORMATS, LoadedLog, load_event_log, parse_columns
 DEFAULT_ITEM_FEATURES = "on"
 DEFAULT_EVENT_VALUE = "on"
 
+# Graph top-k width that `train` writes unless --candidates sets another.
+DEFAULT_CANDIDATES = 100
+
 TABLE_METRICS = ("recall@10", "ndcg@10", "mrr@10", "recall@20", "ndcg@20", "mrr@20", "coverage@10", "coverage@20")
 
 
@@ -46,6 +49,13 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is not a non-negative integer")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
     return value
 
 
@@ -105,6 +115,15 @@ def add_model_options(command: argparse.ArgumentParser) -> None:
         help=f"feed each event's value (the rating) to the model as an input (default {DEFAULT_EVENT_VALUE})",
     )
 
+    command.add_argument(
+        "--no-conversion-head", action="store_true",
+        help="train without the conversion head (the probability that an interaction with an item is strong)",
+    )
+    command.add_argument(
+        "--conversion-weight", type=non_negative_float, default=1.0,
+        help="weight of the conversion head's binary cross-entropy beside the next-item loss; 0 is allowed (default 1.0)",
+    )
+
     command.add_argument("--method", choices=("sequence", "session_parallel"), default="sequence", help="mini-batch method (default sequence)")
     command.add_argument(
         "--loss", choices=("cross_entropy", "sampled_cross_entropy", "bpr_max"), default="cross_entropy",
@@ -132,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(train)
     train.add_argument("--out", required=True, type=Path, help="bundle directory to write (replaced if it is a bundle)")
     add_model_options(train)
-    train.add_argument("--k", type=positive_int, default=20, help="items the step graph returns per event (default 20)")
+    train.add_argument(
+        "--candidates", "--k", dest="candidates", type=positive_int,
+        help=f"candidates the step graph returns per event, for the worker to re-rank; --k is an alias "
+        f"(default {DEFAULT_CANDIDATES}, or every known item when the data has fewer)",
+    )
     train.add_argument("--checkpoint-dir", type=Path, help="folder for best.pt (best weights) and last.pt (resumable state)")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/last.pt when it exists")
     train.add_argument("--no-report", action="store_true", help="skip report.png in the bundle")
@@ -141,6 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="evaluate a bundle's model and the baselines on a dataset")
     evaluate.add_argument("--bundle", required=True, type=Path, help="bundle directory written by `train`")
     add_data_options(evaluate)
+
+    tradeoff = commands.add_parser(
+        "tradeoff", help="sweep blends of preference, conversion and live popularity over a bundle's test candidates"
+    )
+    tradeoff.add_argument("--bundle", required=True, type=Path, help="bundle directory written by `train`")
+    add_data_options(tradeoff)
+    tradeoff.add_argument(
+        "--half-life-s", type=positive_float, default=None,
+        help="half-life of live popularity counts, in seconds (default: the worker's, 86400)",
+    )
+    tradeoff.add_argument(
+        "--grid", nargs="+", metavar="OBJECTIVE=W1,W2",
+        help="blend weights to sweep, e.g. preference=1 conversion=0,0.5,1 popularity=0,1; an objective left out "
+        "gets preference=1, conversion=0, popularity=0 (default: preference 1, conversion and popularity "
+        "each 0, 0.25, 0.5, 1, 2)",
+    )
+    tradeoff.add_argument("--json", type=Path, help="write the rows, one per blend, to this JSON file")
+    tradeoff.add_argument("--png", type=Path, help="draw NDCG@10 against strong precision and popularity bias into this PNG")
 
     quality = commands.add_parser(
         "quality", help="train the default configuration per seed and variant, and print test metrics beside the references"
@@ -176,18 +217,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported late: exception types only, so `download` never loads torch.
     user_errors: tuple[type[Exception], ...] = (DatasetError,)
-    if args.command in ("train", "evaluate", "quality", "search"):
+    if args.command in ("train", "evaluate", "tradeoff", "quality", "search"):
         from export.bundle import BundleError
         from export.onnx_export import ExportError
         from export.parity import ParityError
 
         user_errors += (BundleError, ExportError, ParityError)
+    if args.command == "tradeoff":
+        from export.tradeoff import TradeoffError
+
+        user_errors += (TradeoffError,)
 
     try:
         if args.command == "train":
             return run_train(args)
         if args.command == "evaluate":
             return run_evaluate(args)
+        if args.command == "tradeoff":
+            from export.tradeoff import run_tradeoff
+
+            return run_tradeoff(args)
         if args.command == "quality":
             from export.quality import run_quality
 
@@ -257,6 +306,7 @@ def build_configs(args: argparse.Namespace, dataset):
         hidden_dropout=args.hidden_dropout,
         num_item_features=0 if features is None else features.num_features,
         use_event_value=args.event_value == "on" and dataset.has_values,
+        conversion_head=not getattr(args, "no_conversion_head", False),
     )
     train_config = TrainConfig(
         max_epochs=args.epochs,
@@ -272,6 +322,7 @@ def build_configs(args: argparse.Namespace, dataset):
         bpr_max_regularization=args.bpr_max_regularization,
         checkpoint_dir=None if getattr(args, "checkpoint_dir", None) is None else str(args.checkpoint_dir),
         resume=getattr(args, "resume", False),
+        conversion_weight=getattr(args, "conversion_weight", 1.0),
     )
     return model_config, train_config
 
@@ -291,17 +342,19 @@ def describe_inputs(args: argparse.Namespace, dataset, model_config) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from export.bundle import write_bundle
+    from export.bundle import categories_from_tags, write_bundle
     from export.evaluate import evaluate_all
-    from export.onnx_export import ExportError
     from export.report import training_summary, write_report
     from export.train import train_model
 
     log, dataset = load_split(args)
     model_config, train_config = build_configs(args, dataset)
-    if not 1 <= args.k < dataset.num_items:
-        raise ExportError(f"--k {args.k} is larger than the {dataset.num_items - 1} items in the dataset; lower --k.")
-    print(f"model: {model_config.cell}, {model_config.num_layers} layer(s), inputs: {describe_inputs(args, dataset, model_config)}")
+    candidates = resolve_candidates(args.candidates, dataset.num_items - 1)
+    head = "conversion head" if model_config.conversion_head else "no conversion head"
+    print(
+        f"model: {model_config.cell}, {model_config.num_layers} layer(s), inputs: "
+        f"{describe_inputs(args, dataset, model_config)}; {head}; {candidates} candidates per event"
+    )
 
     result = train_model(dataset, model_config, train_config, show_progress=not args.quiet)
     print(
@@ -311,6 +364,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     metrics = evaluate_all(result.model, dataset)
     print_metrics_table(metrics, len(dataset.users))
+    print_conversion_metrics(metrics)
     metrics["training"] = training_summary(result)
 
     training_data = {
@@ -336,9 +390,10 @@ def run_train(args: argparse.Namespace) -> int:
         metrics,
         train_config={"model": model_config.to_dict(), "training": train_config.to_dict()},
         training_data=training_data,
-        k=args.k,
+        k=candidates,
         extra_manifest=run_summary,
         item_feature_names=dataset.item_features.names if model_config.num_item_features else None,
+        item_categories=categories_from_tags(log.item_tags),
     )
 
     parity = bundle.parity
@@ -348,6 +403,8 @@ def run_train(args: argparse.Namespace) -> int:
         f"{parity.topk_positions_compared} top-k positions ({parity.random_batches} random batches, "
         f"{parity.chained_steps} chained steps, tolerance {parity.tolerance:g})"
     )
+    if parity.conversion_max_abs_diff is not None:
+        print(f"parity: conversion max abs diff {parity.conversion_max_abs_diff:.2e}")
     if not args.no_report:
         print(f"report: {write_report(bundle.path, metrics, dataset=log.name).resolve()}")
     print(f"bundle: {bundle.path.resolve()}")
@@ -375,8 +432,37 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_all(bundle.model, dataset)
     print(f"bundle: {args.bundle} (model_version {bundle.manifest['model_version']})")
     print_metrics_table(metrics, len(dataset.users))
+    print_conversion_metrics(metrics)
     print(f"valid ndcg@10 {metrics['model']['valid']['ndcg@10']:.4f}; evaluated in {time.monotonic() - started:.1f} s")
     return 0
+
+
+def resolve_candidates(requested: int | None, known_items: int) -> int:
+    """Return the graph's top-k width: --candidates, or its default capped at the known items."""
+    from export.onnx_export import ExportError
+
+    if requested is None:
+        if known_items < DEFAULT_CANDIDATES:
+            print(f"note: the data has {known_items} items, fewer than {DEFAULT_CANDIDATES}; the graph returns all of them")
+        return min(DEFAULT_CANDIDATES, known_items)
+    if requested > known_items:
+        raise ExportError(
+            f"--candidates {requested} is larger than the {known_items} items in the dataset; lower --candidates."
+        )
+    return requested
+
+
+def print_conversion_metrics(metrics: dict) -> None:
+    """Print the conversion head's test figures, when the model has the head."""
+    test = metrics["model"]["test"]
+    if "conversion_log_loss" not in test:
+        return
+    auc = test["conversion_auc"]
+    auc_text = "n/a (the test targets are all strong or all not)" if auc is None else f"{auc:.4f}"
+    print(
+        f"conversion head at the test item: AUC {auc_text}, log loss {test['conversion_log_loss']:.4f}, "
+        f"strong rate {test['strong_rate']:.4f}"
+    )
 
 
 def print_metrics_table(metrics: dict, num_users: int) -> None:

@@ -2,7 +2,8 @@
 
 A bundle contains the ONNX step graph (``model.onnx``), the PyTorch checkpoint it came from
 (``checkpoint.pt``), the item vocabulary (``items.tsv``), the offline metrics
-(``metrics.json``) and ``manifest.json``, which describes the graph for the worker.
+(``metrics.json``), ``manifest.json``, which describes the graph for the worker, and,
+when any item has one, the item categories (``categories.tsv``).
 """
 
 from __future__ import annotations
@@ -25,17 +26,23 @@ import torch
 from export.model import GRU4Rec, ModelConfig
 from export.onnx_export import DEFAULT_K, DEFAULT_OPSET, export_step_graph, input_roles, output_roles
 from export.parity import ParityResult, check_parity
-from export.sequences import EVENT_TYPES, ItemVocabulary
+from export.sequences import EVENT_TYPES, STRONG_EVENT_TYPES, STRONG_MIN_RATING, ItemVocabulary
 
 # Format 2 added the optional graph inputs "cell" (LSTM) and "value" (event value), and
-# the manifest's item_features and event_value sections.
-FORMAT_VERSION = 2
+# the manifest's item_features and event_value sections. Format 3 added the optional
+# output "conversion", the "heads" section and the optional categories file.
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 GRAPH_FILE = "model.onnx"
 CHECKPOINT_FILE = "checkpoint.pt"
 ITEMS_FILE = "items.tsv"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
 ITEMS_HEADER = ("index", "item_id", "title")
+CATEGORIES_FILE = "categories.tsv"
+CATEGORIES_HEADER = ("index", "item_id", "categories")
+# Item tags with these prefixes name a category: MovieLens genres and the categories column of a table log.
+CATEGORY_TAG_PREFIXES = ("genre=", "category=")
 
 
 class BundleError(Exception):
@@ -59,6 +66,8 @@ class PytorchBundle:
     event_types: list[str]
     k: int
     manifest: dict[str, Any]
+    # Category names by item index (index 0 has none); None when the bundle has no categories file.
+    categories: list[frozenset[str]] | None = None
 
 
 def compute_model_version(graph_bytes: bytes, items_bytes: bytes) -> str:
@@ -96,6 +105,70 @@ def read_item_ids(path: Path) -> list[str]:
     return item_ids
 
 
+def categories_from_tags(item_tags: dict[str, Any] | None) -> dict[str, list[str]]:
+    """Return {item id: category names} from item tags such as "genre=Comedy" or "category=shoes"."""
+    categories = {}
+    for item_id, tags in (item_tags or {}).items():
+        names = [tag.split("=", 1)[1] for tag in tags if tag.startswith(CATEGORY_TAG_PREFIXES)]
+        if names:
+            categories[item_id] = names
+    return categories
+
+
+def render_categories(vocabulary: ItemVocabulary, categories: dict[str, list[str]]) -> bytes | None:
+    """Render categories.tsv: a header, then one row per known index with its categories joined by "|".
+
+    Returns None when no item of the vocabulary has a category, because then the bundle
+    has no categories file.
+    """
+    if not any(categories.get(item_id) for item_id in vocabulary.item_ids):
+        return None
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(CATEGORIES_HEADER)
+    for index, item_id in enumerate(vocabulary.item_ids, start=1):
+        names = categories.get(item_id, [])
+        for name in names:
+            if "|" in name or not name.strip():
+                raise BundleError(f"Item {item_id!r} has category {name!r}; a category name must be non-empty and contain no '|'.")
+        writer.writerow((index, item_id, "|".join(names)))
+    return buffer.getvalue().encode("utf-8")
+
+
+def read_categories(path: Path, item_ids: list[str]) -> list[frozenset[str]]:
+    """Read categories.tsv into a list of category sets indexed by item index (index 0 empty)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundleError(f"{path} not found, but the manifest names it; the bundle is incomplete, write it again.") from None
+
+    rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
+    if not rows or tuple(rows[0]) != CATEGORIES_HEADER:
+        raise BundleError(f"{path}: header is {rows[:1]!r}, expected {list(CATEGORIES_HEADER)!r}.")
+    categories = [frozenset()]
+    for line_number, row in enumerate(rows[1:], start=2):
+        index = len(categories)
+        if len(row) != len(CATEGORIES_HEADER) or row[0] != str(index) or index >= len(item_ids) or row[1] != item_ids[index]:
+            raise BundleError(f"{path}, line {line_number}: expected index {index}, its item id and 3 columns, got {row!r}.")
+        categories.append(frozenset(name for name in row[2].split("|") if name))
+    if len(categories) != len(item_ids):
+        raise BundleError(f"{path} lists {len(categories) - 1} items but items.tsv lists {len(item_ids) - 1}.")
+    return categories
+
+
+def heads_section(config: ModelConfig) -> dict[str, Any]:
+    """Describe the model's heads; each "output" value is an output role of the manifest."""
+    heads: dict[str, Any] = {"preference": {"output": "scores", "description": "next-item logit"}}
+    if config.conversion_head:
+        heads["conversion"] = {
+            "output": "conversion",
+            "description": "probability that an interaction with the item is strong",
+            "strong_event_types": list(STRONG_EVENT_TYPES),
+            "strong_min_rating": STRONG_MIN_RATING,
+        }
+    return heads
+
+
 def write_bundle(
     out_dir: Path,
     model: GRU4Rec,
@@ -108,10 +181,12 @@ def write_bundle(
     opset: int = DEFAULT_OPSET,
     extra_manifest: dict[str, Any] | None = None,
     item_feature_names: list[str] | None = None,
+    item_categories: dict[str, list[str]] | None = None,
 ) -> WrittenBundle:
     """Export, check parity and write every bundle file into ``out_dir``.
 
-    ``metrics`` has the metrics.json shape; its model test metrics are copied into the
+    ``item_categories`` maps item ids to category names for categories.tsv (see
+    categories_from_tags). ``metrics`` has the metrics.json shape; its model test metrics are copied into the
     manifest. The files are written to a temporary sibling folder that then replaces
     ``out_dir``, so a reader never sees half a bundle. An existing ``out_dir`` is replaced
     only when it is empty or contains a manifest.json.
@@ -132,6 +207,7 @@ def write_bundle(
     graph_bytes = export_step_graph(model, k, opset)
     parity = check_parity(model, graph_bytes, k)
     items_bytes = render_items(vocabulary, titles)
+    categories_bytes = render_categories(vocabulary, item_categories or {})
     model_version = compute_model_version(graph_bytes, items_bytes)
 
     manifest = {
@@ -148,12 +224,14 @@ def write_bundle(
         "tied_embeddings": model.config.tied_embeddings,
         "inputs": input_roles(model.config),
         "outputs": output_roles(model.config),
+        "heads": heads_section(model.config),
         # The feature table is a constant inside the graph; the names document its columns.
         "item_features": feature_names,
         "event_value": _event_value_section(model),
         "graph_file": GRAPH_FILE,
         "graph_sha256": hashlib.sha256(graph_bytes).hexdigest(),
         "items_file": ITEMS_FILE,
+        **({"categories_file": CATEGORIES_FILE} if categories_bytes is not None else {}),
         "training_data": training_data,
         "parity": parity.to_dict(),
         "metrics": metrics["model"]["test"],
@@ -166,6 +244,8 @@ def write_bundle(
     try:
         (staging / GRAPH_FILE).write_bytes(graph_bytes)
         (staging / ITEMS_FILE).write_bytes(items_bytes)
+        if categories_bytes is not None:
+            (staging / CATEGORIES_FILE).write_bytes(categories_bytes)
         save_checkpoint(staging / CHECKPOINT_FILE, model)
         _write_json(staging / METRICS_FILE, metrics)
         _write_json(staging / MANIFEST_FILE, manifest)
@@ -253,6 +333,11 @@ def load_pytorch_model(bundle_dir: Path | str) -> PytorchBundle:
     """Rebuild a bundle's PyTorch model and check it against the manifest and items.tsv."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
+        raise BundleError(
+            f"{bundle_dir}: manifest format_version {manifest.get('format_version')!r} is not one of "
+            f"{READABLE_FORMAT_VERSIONS}; write the bundle again with this version of `python -m export train`."
+        )
     model = load_checkpoint(bundle_dir / CHECKPOINT_FILE)
     item_ids = read_item_ids(bundle_dir / manifest["items_file"])
 
@@ -270,8 +355,16 @@ def load_pytorch_model(bundle_dir: Path | str) -> PytorchBundle:
             f"{bundle_dir}: items.tsv lists {len(item_ids) - 1} items but the model scores "
             f"{model.config.num_items - 1}."
         )
+    categories = None
+    if manifest.get("categories_file"):
+        categories = read_categories(bundle_dir / manifest["categories_file"], item_ids)
     return PytorchBundle(
-        model=model, item_ids=item_ids, event_types=list(manifest["event_types"]), k=manifest["k"], manifest=manifest
+        model=model,
+        item_ids=item_ids,
+        event_types=list(manifest["event_types"]),
+        k=manifest["k"],
+        manifest=manifest,
+        categories=categories,
     )
 
 

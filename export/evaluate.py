@@ -8,6 +8,10 @@ score gains nothing from the tie.
 
 Validation ranks the validation item after the training prefix. Test ranks the test item
 after the training prefix followed by the validation item.
+
+A model with a conversion head is also scored at the true target item: the ROC AUC and
+the log loss of its probability that the target's interaction is strong, beside the
+share of targets that are strong (the base rate).
 """
 
 from __future__ import annotations
@@ -119,6 +123,42 @@ def evaluation_case(user: UserSplit, part: Part) -> tuple[np.ndarray, np.ndarray
     raise ValueError(f"Unknown evaluation part {part!r}; expected 'valid' or 'test'.")
 
 
+def evaluation_target_strong(user: UserSplit, part: Part) -> float:
+    """Return 1.0 when the part's target interaction is strong, else 0.0."""
+    if part == "valid":
+        return user.valid_strong
+    if part == "test":
+        return user.test_strong
+    raise ValueError(f"Unknown evaluation part {part!r}; expected 'valid' or 'test'.")
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Return the ROC AUC of scores against 0/1 labels, ties counting half; None with one class only."""
+    labels = np.asarray(labels, dtype=bool)
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return None
+    # Mann-Whitney U from average ranks, so tied scores get the mean of their ranks.
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(counts)  # 1-based rank of the last member of each tie group
+    average_rank = last_rank - (counts - 1) / 2.0
+    positive_rank_sum = float(average_rank[inverse][labels].sum())
+    return (positive_rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
+
+
+def conversion_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """Return conversion_auc, conversion_log_loss and strong_rate over the evaluated targets."""
+    clipped = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1.0 - 1e-7)
+    labels = np.asarray(labels, dtype=np.float64)
+    log_loss = -np.mean(labels * np.log(clipped) + (1.0 - labels) * np.log(1.0 - clipped))
+    return {
+        "conversion_auc": roc_auc(clipped, labels),
+        "conversion_log_loss": float(log_loss),
+        "strong_rate": float(labels.mean()),
+    }
+
+
 def evaluation_values(user: UserSplit, part: Part) -> np.ndarray:
     """Return the event values of the prefix that evaluation_case returns (NaN where absent)."""
     if part == "valid":
@@ -192,8 +232,14 @@ def evaluate_model(
             scores = model.score(outputs[start : start + batch_size]).numpy()  # (batch, items)
             targets = np.array([target for _, _, target in batch])
             accumulator.add(scores, targets, [items for items, _, _ in batch])
+        summary = accumulator.result()
+        if model.config.conversion_head:
+            targets = torch.tensor([target for _, _, target in cases])  # (users,)
+            probabilities = torch.sigmoid(model.conversion_logits(outputs, targets[:, None])[:, 0])  # (users,)
+            labels = np.array([evaluation_target_strong(user, part) for user in dataset.users])
+            summary.update(conversion_metrics(probabilities.numpy(), labels))
     model.train(was_training)
-    return accumulator.result()
+    return summary
 
 
 def training_sequences(dataset: SplitDataset) -> Iterator[np.ndarray]:

@@ -47,6 +47,10 @@ class ModelConfig:
     num_item_features: int = 0
     # Add a projection of the event's value (and whether it has one) to the input vector.
     use_event_value: bool = False
+    # Add a second head: the probability that an interaction with an item is strong
+    # (export.sequences.STRONG_EVENT_TYPES, or a high rating). Off by default so that
+    # checkpoints written before the head existed still load.
+    conversion_head: bool = False
 
     def __post_init__(self) -> None:
         if self.num_items < 2:
@@ -116,6 +120,10 @@ class GRU4Rec(nn.Module):
             self.value_projection = nn.Linear(2, config.embedding_size, bias=False)
 
         self._init_weights()
+        # The head draws its random weights after every other part has drawn its own, so a
+        # configuration without it starts from the same weights for a given seed.
+        if config.conversion_head:
+            self._add_conversion_head()
 
     def _init_weights(self) -> None:
         nn.init.normal_(self.item_embedding.weight, std=0.05)
@@ -129,6 +137,17 @@ class GRU4Rec(nn.Module):
             nn.init.normal_(self.feature_embedding.weight, std=0.05)
         if self.config.use_event_value:
             nn.init.normal_(self.value_projection.weight, std=0.05)
+
+    def _add_conversion_head(self) -> None:
+        # Conversion logit(h, i) = projection(h) . conversion_item_embedding[i]
+        # + conversion_bias[i] + conversion_offset. The per-item bias learns each item's
+        # base rate, and the shared offset the overall rate for items seen rarely.
+        config = self.config
+        self.conversion_projection = nn.Linear(config.hidden_size, config.embedding_size, bias=False)
+        self.conversion_item_embedding = nn.Embedding(config.num_items, config.embedding_size)
+        self.conversion_bias = nn.Parameter(torch.zeros(config.num_items))
+        self.conversion_offset = nn.Parameter(torch.zeros(()))
+        nn.init.normal_(self.conversion_item_embedding.weight, std=0.05)
 
     # -- constants from the training data ----------------------------------------------------
 
@@ -212,6 +231,19 @@ class GRU4Rec(nn.Module):
         logits = self.project_outputs(outputs) @ self.output_weights().T + self.output_bias  # (..., items)
         return logits.masked_fill(self.unknown_item_mask, float("-inf"))
 
+    def conversion_logits(self, outputs: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Return the conversion logit of each item given cell outputs.
+
+        ``outputs`` is (..., hidden) and ``items`` is (..., n) item indices, one set of n
+        items per output row; the result is (..., n).
+        """
+        if not self.config.conversion_head:
+            raise ValueError("The model has no conversion head; build it with conversion_head=True.")
+        projected = self.conversion_projection(outputs)  # (..., embedding)
+        item_vectors = self.conversion_item_embedding(items)  # (..., n, embedding)
+        logits = (item_vectors * projected.unsqueeze(-2)).sum(dim=-1)  # (..., n)
+        return logits + self.conversion_bias[items] + self.conversion_offset
+
     # -- serving path -------------------------------------------------------------------------
 
     def step(
@@ -226,8 +258,9 @@ class GRU4Rec(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """Apply one event per user and return the new state and the top-k items.
 
-        Returns (hidden_out, topk_scores, topk_items), followed by cell_out for an LSTM.
-        The cell arithmetic is nn.GRU's or nn.LSTM's, gate order included, so a chain of
+        Returns (hidden_out, topk_scores, topk_items), followed by cell_out for an LSTM,
+        followed by topk_conversion (batch, k), the sigmoid probability that an interaction
+        with each top-k item is strong, when the model has a conversion head. The cell arithmetic is nn.GRU's or nn.LSTM's, gate order included, so a chain of
         steps reproduces ``forward``. Scores of the items in ``exclude_items`` and of index
         0 are -inf before top-k.
         """
@@ -247,12 +280,17 @@ class GRU4Rec(nn.Module):
                 layer_input = F.dropout(layer_input, self.rnn.dropout, self.training)
         hidden_out = torch.stack(new_hidden)  # (layers, batch, hidden)
 
-        scores = self.score(self.hidden_dropout(layer_input))  # (batch, items)
+        outputs = self.hidden_dropout(layer_input)  # (batch, hidden)
+        scores = self.score(outputs)  # (batch, items)
         scores = scores.scatter(1, exclude_items, float("-inf"))
         topk_scores, topk_items = torch.topk(scores, k, dim=1)  # (batch, k), (batch, k)
+
+        results = [hidden_out, topk_scores, topk_items]
         if self.config.has_cell_state:
-            return hidden_out, topk_scores, topk_items, torch.stack(new_cell)  # last: (layers, batch, hidden)
-        return hidden_out, topk_scores, topk_items
+            results.append(torch.stack(new_cell))  # (layers, batch, hidden)
+        if self.config.conversion_head:
+            results.append(torch.sigmoid(self.conversion_logits(outputs, topk_items)))  # (batch, k)
+        return tuple(results)
 
     def _layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
         return (

@@ -2,7 +2,8 @@
 
 The graph takes a batch of (item, event type, hidden state, items to exclude), plus the
 cell state for an LSTM and the event value for a model that uses it, and returns the new
-hidden state with the top-k scores and items (and the new cell state for an LSTM). Batch
+hidden state with the top-k scores and items, then the new cell state for an LSTM, then
+the top-k items' conversion probabilities for a model with a conversion head. Batch
 size and the number of excluded items are dynamic axes. Weights and the item feature
 table are stored inside the .onnx file.
 """
@@ -20,7 +21,8 @@ from torch import nn
 
 from export.model import GRU4Rec, ModelConfig
 
-DEFAULT_K = 20
+# Candidates the step graph returns per event; the worker re-ranks them and publishes fewer.
+DEFAULT_K = 100
 DEFAULT_OPSET = 18
 
 # Graph names by role, the roles the manifest lists. Optional roles exist only in
@@ -33,7 +35,13 @@ INPUT_ROLES = {
     "cell": "cell",
     "value": "event_value",
 }
-OUTPUT_ROLES = {"hidden": "hidden_out", "scores": "topk_scores", "items": "topk_items", "cell": "cell_out"}
+OUTPUT_ROLES = {
+    "hidden": "hidden_out",
+    "scores": "topk_scores",
+    "items": "topk_items",
+    "cell": "cell_out",
+    "conversion": "topk_conversion",
+}
 
 # Example sizes for tracing. torch.export specialises dimensions of size 0 or 1, so both
 # dynamic axes are traced at sizes above 1.
@@ -53,7 +61,11 @@ def input_roles(config: ModelConfig) -> dict[str, str]:
 
 def output_roles(config: ModelConfig) -> dict[str, str]:
     """Return the graph's outputs as {role: name}, in graph order."""
-    roles = ["hidden", "scores", "items"] + (["cell"] if config.has_cell_state else [])
+    roles = ["hidden", "scores", "items"]
+    if config.has_cell_state:
+        roles.append("cell")
+    if config.conversion_head:
+        roles.append("conversion")
     return {role: OUTPUT_ROLES[role] for role in roles}
 
 
@@ -180,6 +192,7 @@ def check_graph(graph_bytes: bytes, model: GRU4Rec, k: int) -> None:
         "value": (onnx.TensorProto.FLOAT, 1),
         "scores": (onnx.TensorProto.FLOAT, 2),
         "items": (onnx.TensorProto.INT64, 2),
+        "conversion": (onnx.TensorProto.FLOAT, 2),
     }
     expected_inputs = {name: element_types[role] for role, name in input_roles(config).items()}
     expected_outputs = {name: element_types[role] for role, name in output_roles(config).items()}
@@ -191,9 +204,13 @@ def check_graph(graph_bytes: bytes, model: GRU4Rec, k: int) -> None:
         raise ExportError(
             f"Input hidden has shape {hidden_dims}, expected [{config.num_layers}, batch, {config.hidden_size}]."
         )
-    scores_dims = _dims(proto.graph.output, "topk_scores")
-    if scores_dims[1] != k:
-        raise ExportError(f"Output topk_scores has shape {scores_dims}, expected [batch, {k}].")
+    for role in ("scores", "items", "conversion"):
+        name = output_roles(config).get(role)
+        if name is None:
+            continue
+        dims = _dims(proto.graph.output, name)
+        if dims[1] != k:
+            raise ExportError(f"Output {name} has shape {dims}, expected [batch, {k}].")
 
 
 def _check_values(kind: str, values, expected: dict[str, tuple[int, int]]) -> None:

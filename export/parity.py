@@ -6,7 +6,9 @@ feeds its own hidden (and LSTM cell) output back in, so drift would accumulate a
 Hidden and cell states must agree within the tolerance. Scores must agree within the tolerance scaled by
 max(1, |score|), because float32 rounding grows with the magnitude of a score. Top-k lists
 must be equal, except that two items may swap places where their scores tie within that
-scaled tolerance.
+scaled tolerance. Conversion probabilities (models with a conversion head) must agree
+within the tolerance with PyTorch's probabilities for the items that the graph returned,
+so a tie swap does not count as a difference.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import onnxruntime as ort
 import torch
 
 from export.model import GRU4Rec
-from export.onnx_export import input_roles
+from export.onnx_export import input_roles, output_roles
 
 DEFAULT_TOLERANCE = 1e-5
 RANDOM_BATCH_SHAPES = ((1, 0), (2, 1), (7, 5), (32, 30), (64, 200))  # (batch, n_exclude)
@@ -49,6 +51,8 @@ class ParityResult:
     topk_positions_compared: int
     topk_tie_swaps: int
     failures: tuple[str, ...]
+    # Largest difference of the top-k conversion probabilities; None without the head.
+    conversion_max_abs_diff: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -68,6 +72,7 @@ class _Comparison:
         self.tolerance = tolerance
         self.hidden_max = 0.0
         self.scores_max = 0.0
+        self.conversion_max = 0.0
         self.positions = 0
         self.tie_swaps = 0
         self.failures: list[str] = []
@@ -76,16 +81,36 @@ class _Comparison:
         if len(self.failures) < MAX_REPORTED_FAILURES:
             self.failures.append(note)
 
-    def compare(self, label: str, torch_outputs, onnx_outputs, full_scores: np.ndarray) -> None:
-        torch_hidden, torch_scores, torch_items = torch_outputs[:3]
-        onnx_hidden, onnx_scores, onnx_items = onnx_outputs[:3]
+    def compare(
+        self,
+        label: str,
+        torch_outputs: dict[str, np.ndarray],
+        onnx_outputs: dict[str, np.ndarray],
+        full_scores: np.ndarray,
+        reference_conversion: np.ndarray | None = None,
+    ) -> None:
+        """Compare one step's outputs, keyed by output role.
 
-        # The LSTM cell state (a fourth output) is held to the hidden state's tolerance.
-        for name, torch_state, onnx_state in zip(("hidden_out", "cell_out"), torch_outputs[::3], onnx_outputs[::3]):
-            state_diff = float(np.abs(torch_state - onnx_state).max())
+        ``reference_conversion`` is PyTorch's conversion probability of each item that the
+        graph returned: (batch, k), or None for a model without the head.
+        """
+        torch_scores, torch_items = torch_outputs["scores"], torch_outputs["items"]
+        onnx_scores, onnx_items = onnx_outputs["scores"], onnx_outputs["items"]
+
+        # The LSTM cell state is held to the hidden state's tolerance.
+        for role in ("hidden", "cell"):
+            if role not in torch_outputs:
+                continue
+            state_diff = float(np.abs(torch_outputs[role] - onnx_outputs[role]).max())
             self.hidden_max = max(self.hidden_max, state_diff)
             if not state_diff <= self.tolerance:
-                self.fail(f"{label}: {name} differs by {state_diff:.3g} > {self.tolerance:g}")
+                self.fail(f"{label}: {role}_out differs by {state_diff:.3g} > {self.tolerance:g}")
+
+        if reference_conversion is not None:
+            conversion_diff = float(np.abs(reference_conversion - onnx_outputs["conversion"]).max())
+            self.conversion_max = max(self.conversion_max, conversion_diff)
+            if not conversion_diff <= self.tolerance:
+                self.fail(f"{label}: topk_conversion differs by {conversion_diff:.3g} > {self.tolerance:g}")
 
         scores_diff = _max_abs_diff(torch_scores, onnx_scores)
         self.scores_max = max(self.scores_max, scores_diff)
@@ -161,7 +186,9 @@ def check_parity(
             inputs = _random_inputs(model, rng, batch, n_exclude)
             label = f"random batch {index} (batch {batch}, {n_exclude} excluded)"
             torch_outputs, full_scores = _run_torch(model, inputs, k)
-            comparison.compare(label, torch_outputs, session.run(None, inputs), full_scores)
+            onnx_outputs = _run_onnx(model, session, inputs)
+            reference = _reference_conversion(model, torch_outputs, onnx_outputs)
+            comparison.compare(label, torch_outputs, onnx_outputs, full_scores, reference)
         _compare_chain(model, session, rng, k, chained_steps, comparison)
     finally:
         model.train(was_training)
@@ -175,6 +202,7 @@ def check_parity(
         topk_positions_compared=comparison.positions,
         topk_tie_swaps=comparison.tie_swaps,
         failures=tuple(comparison.failures),
+        conversion_max_abs_diff=comparison.conversion_max if model.config.conversion_head else None,
     )
     if not result.passed:
         raise ParityError(
@@ -208,13 +236,34 @@ def _random_values(rng: np.random.Generator, batch: int) -> np.ndarray:
     return values
 
 
+def _run_onnx(model: GRU4Rec, session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the graph and return its outputs keyed by output role."""
+    roles = output_roles(model.config)
+    values = session.run(list(roles.values()), inputs)
+    return dict(zip(roles, values))
+
+
+def _reference_conversion(
+    model: GRU4Rec, torch_outputs: dict[str, np.ndarray], onnx_outputs: dict[str, np.ndarray]
+) -> np.ndarray | None:
+    """Return PyTorch's conversion probabilities for the items the graph returned: (batch, k)."""
+    if not model.config.conversion_head:
+        return None
+    # In eval mode the head reads the last layer's new hidden state unchanged.
+    last_hidden = torch.from_numpy(torch_outputs["hidden"][-1])  # (batch, hidden)
+    with torch.no_grad():
+        logits = model.conversion_logits(last_hidden, torch.from_numpy(onnx_outputs["items"]))  # (batch, k)
+    return torch.sigmoid(logits).numpy()
+
+
 def _run_torch(model: GRU4Rec, inputs: dict[str, np.ndarray], k: int):
-    """Return the PyTorch step outputs and the full masked score matrix (batch, items)."""
+    """Return the PyTorch step outputs keyed by output role, and the full masked score matrix (batch, items)."""
     tensors = {role: torch.from_numpy(inputs[name]) for role, name in input_roles(model.config).items()}
     args = (tensors["item"], tensors["event_type"], tensors["hidden"], tensors["exclude"])
     options = {"cell": tensors.get("cell"), "value": tensors.get("value")}
     with torch.no_grad():
-        torch_outputs = [tensor.numpy() for tensor in model.step(*args, k, **options)]
+        step_outputs = model.step(*args, k, **options)
+        torch_outputs = {role: tensor.numpy() for role, tensor in zip(output_roles(model.config), step_outputs)}
         # Ranking every known item recovers each item's masked score for the tie check.
         all_scores, all_items = model.step(*args, model.config.num_items - 1, **options)[1:3]
     full_scores = np.full((len(tensors["item"]), model.config.num_items), -np.inf, dtype=np.float32)
@@ -250,8 +299,9 @@ def _compare_chain(
         torch_inputs = {name: {**events, **torch_state}[role] for role, name in names.items()}
         onnx_inputs = {name: {**events, **onnx_state}[role] for role, name in names.items()}
         torch_outputs, full_scores = _run_torch(model, torch_inputs, k)
-        onnx_outputs = session.run(None, onnx_inputs)
+        onnx_outputs = _run_onnx(model, session, onnx_inputs)
+        reference = _reference_conversion(model, torch_outputs, onnx_outputs)
 
-        comparison.compare(f"chained step {step}", torch_outputs, onnx_outputs, full_scores)
-        torch_state = {"hidden": torch_outputs[0], "cell": torch_outputs[-1]}
-        onnx_state = {"hidden": onnx_outputs[0], "cell": onnx_outputs[-1]}
+        comparison.compare(f"chained step {step}", torch_outputs, onnx_outputs, full_scores, reference)
+        torch_state = {"hidden": torch_outputs["hidden"], "cell": torch_outputs.get("cell")}
+        onnx_state = {"hidden": onnx_outputs["hidden"], "cell": onnx_outputs.get("cell")}

@@ -17,6 +17,11 @@ from export.data import Interaction
 # Fixed order: an event type's index in the model is its position here.
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "rating")
 
+# A strong interaction: one of these event types, or a rating of at least
+# STRONG_MIN_RATING. A rating without a value, a view and a click are not strong.
+STRONG_EVENT_TYPES: tuple[str, ...] = ("add_to_cart", "purchase")
+STRONG_MIN_RATING = 4.0
+
 # Item index 0 is the unknown item and the padding value. It is never recommended.
 UNKNOWN_ITEM_INDEX = 0
 
@@ -76,6 +81,23 @@ def event_type_index(event_type: str) -> int:
         ) from None
 
 
+def strong_labels(event_types: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+    """Return 1.0 where an event is a strong interaction, else 0.0, in the shape of ``event_types``.
+
+    ``event_types`` contains indices into EVENT_TYPES and ``values`` the event values (NaN
+    where absent), or None when no event has a value.
+    """
+    event_types = np.asarray(event_types)
+    strong_types = [EVENT_TYPES.index(name) for name in STRONG_EVENT_TYPES]
+    strong = np.isin(event_types, strong_types)
+    if values is not None:
+        values = np.asarray(values, dtype=np.float64)
+        # NaN >= 4 is False, so a rating without a value is not strong.
+        with np.errstate(invalid="ignore"):
+            strong |= (event_types == EVENT_TYPES.index("rating")) & (values >= STRONG_MIN_RATING)
+    return strong.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class UserSplit:
     """One user's leave-one-out split, as item and event-type indices and event values."""
@@ -90,6 +112,9 @@ class UserSplit:
     # Event values (ratings), NaN where an event has none; None when no event has one.
     train_values: np.ndarray | None = None  # (train_length,) float32
     valid_value: float = float("nan")
+    test_value: float = float("nan")
+    # Time of the test interaction in epoch milliseconds; None when the split was built without it.
+    test_timestamp_ms: int | None = None
 
     def test_prefix(self) -> tuple[np.ndarray, np.ndarray]:
         """Return the test input: the training items followed by the validation item."""
@@ -106,6 +131,18 @@ class UserSplit:
     def test_prefix_values(self) -> np.ndarray:
         """Return the values of the test input, aligned with test_prefix: (train_length + 1,) float32."""
         return np.append(self.train_value_array(), np.float32(self.valid_value)).astype(np.float32)
+
+    def train_strong_labels(self) -> np.ndarray:
+        """Return the strong label of each training event: (train_length,) float32 of 0/1."""
+        return strong_labels(self.train_event_types, self.train_values)
+
+    @property
+    def valid_strong(self) -> float:
+        return float(strong_labels(np.array([self.valid_event_type]), np.array([self.valid_value]))[0])
+
+    @property
+    def test_strong(self) -> float:
+        return float(strong_labels(np.array([self.test_event_type]), np.array([self.test_value]))[0])
 
 
 class ItemFeatures:
@@ -220,6 +257,8 @@ def split_leave_one_out(
                 test_event_type=int(event_types[-1]),
                 train_values=None if values is None else values[:-2],
                 valid_value=float("nan") if values is None else float(values[-2]),
+                test_value=float("nan") if values is None else float(values[-1]),
+                test_timestamp_ms=events[-1].timestamp_ms,
             )
         )
 

@@ -12,7 +12,9 @@ negatives, because evaluation excludes them from the ranking too. Two ways to ba
   and its state is reset to zero, and the batch shrinks once no sequence is left. The
   state is detached after every step, so gradients cover one step.
 
-Either way the loss is one of ``export.losses.LOSSES``. With ``checkpoint_dir`` set, the
+Either way the loss is one of ``export.losses.LOSSES``. A model with a conversion head
+adds ``conversion_weight`` x the binary cross-entropy of the head at each target item,
+labelled 1 when the target's interaction was strong. With ``checkpoint_dir`` set, the
 best weights are saved there after every improvement (``best.pt``, the bundle checkpoint
 format) and the whole training state after every epoch (``last.pt``), from which
 ``resume`` continues.
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from export.evaluate import evaluate_model, pad_sequences, popularity_counts
@@ -73,6 +76,9 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     # Continue from checkpoint_dir/last.pt when it exists.
     resume: bool = False
+    # Weight of the conversion head's binary cross-entropy in the joint loss; 0 leaves the
+    # head untrained. Ignored by a model without the head.
+    conversion_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "batch_size", "patience"):
@@ -90,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"num_negatives={self.num_negatives} must not be negative.")
         if self.negative_alpha < 0:
             raise ValueError(f"negative_alpha={self.negative_alpha} must not be negative.")
+        if not (np.isfinite(self.conversion_weight) and self.conversion_weight >= 0):
+            raise ValueError(f"conversion_weight={self.conversion_weight} must be a finite number >= 0.")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir, the folder that contains last.pt.")
 
@@ -130,6 +138,7 @@ class TrainingSequence:
     event_types: np.ndarray  # (length,) int64
     values: np.ndarray  # (length,) float32, NaN where absent
     targets: np.ndarray  # (length,) int64
+    target_strong: np.ndarray  # (length,) float32, 1 where the target's interaction is strong
 
 
 def training_examples(dataset: SplitDataset) -> list[TrainingSequence]:
@@ -142,8 +151,11 @@ def training_examples(dataset: SplitDataset) -> list[TrainingSequence]:
         if len(user.train_items) < 2:
             continue
         values = user.train_value_array()
+        strong = user.train_strong_labels()
         examples.append(
-            TrainingSequence(user.train_items[:-1], user.train_event_types[:-1], values[:-1], user.train_items[1:])
+            TrainingSequence(
+                user.train_items[:-1], user.train_event_types[:-1], values[:-1], user.train_items[1:], strong[1:]
+            )
         )
     if not examples:
         raise ValueError("No user has two training interactions, so there is nothing to train on.")
@@ -389,7 +401,7 @@ def _train_epoch(
 
     total_loss = 0.0
     total_targets = 0
-    for outputs, targets, seen in batches:
+    for outputs, targets, seen, strong in batches:
         loss = compute_loss(
             train_config.loss,
             model,
@@ -400,6 +412,8 @@ def _train_epoch(
             num_negatives=train_config.num_negatives,
             bpr_max_regularization=train_config.bpr_max_regularization,
         )
+        if model.config.conversion_head and train_config.conversion_weight:
+            loss = loss + train_config.conversion_weight * conversion_loss(model, outputs, targets, strong)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
@@ -413,9 +427,16 @@ def _train_epoch(
     return total_loss / total_targets
 
 
-# A training batch: cell outputs (targets, hidden), target items (targets,) and the
-# (targets, items) mask of already-seen items, the target's own column left False.
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# A training batch: cell outputs (targets, hidden), target items (targets,), the
+# (targets, items) mask of already-seen items with the target's own column left False,
+# and the targets' strong labels (targets,) float32.
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def conversion_loss(model: GRU4Rec, outputs: torch.Tensor, targets: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
+    """Return the mean binary cross-entropy of the conversion head at the target items."""
+    logits = model.conversion_logits(outputs, targets[:, None])[:, 0]  # (targets,)
+    return F.binary_cross_entropy_with_logits(logits, strong)
 
 
 def _sequence_batches(
@@ -428,8 +449,8 @@ def _sequence_batches(
     """Yield whole-sequence batches of users with similar lengths."""
     for batch in length_batches(lengths, train_config.batch_size, rng):
         chosen = [examples[i] for i in batch]
-        items, event_types, values, targets = pad_sequences(
-            [(example.items, example.event_types, example.values, example.targets) for example in chosen]
+        items, event_types, values, targets, strong = pad_sequences(
+            [(example.items, example.event_types, example.values, example.targets, example.target_strong) for example in chosen]
         )  # (batch, time) each
         mask = targets != 0  # (batch, time), False at padding, whose target is index 0
 
@@ -437,7 +458,7 @@ def _sequence_batches(
         outputs, _ = model(items, event_types, values=values)  # (batch, time, hidden)
         seen = seen_items(items, mask, targets[mask], model.config.num_items)  # (targets, items)
         # Only real positions are scored, so padding costs no catalogue-sized logits.
-        yield outputs[mask], targets[mask], seen
+        yield outputs[mask], targets[mask], seen, strong[mask]
 
 
 def _session_parallel_batches(
@@ -457,6 +478,7 @@ def _session_parallel_batches(
         items = torch.tensor([example.items[p] for example, p in zip(chosen, slot_position)])  # (slots,)
         event_types = torch.tensor([example.event_types[p] for example, p in zip(chosen, slot_position)])
         targets = torch.tensor([example.targets[p] for example, p in zip(chosen, slot_position)])
+        strong = torch.tensor([example.target_strong[p] for example, p in zip(chosen, slot_position)])
         values = None
         if model.config.use_event_value:
             values = torch.tensor(np.array([example.values[p] for example, p in zip(chosen, slot_position)]))[:, None]
@@ -465,7 +487,7 @@ def _session_parallel_batches(
         seen[torch.arange(len(items)), items] = True
         step_seen = seen.clone()
         step_seen[torch.arange(len(targets)), targets] = False
-        yield outputs[:, 0], targets, step_seen
+        yield outputs[:, 0], targets, step_seen, strong
 
         # Gradients cover one step, so the state is cut from the graph before the next.
         state = _detach(state)

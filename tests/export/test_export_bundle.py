@@ -27,7 +27,7 @@ MANIFEST_KEYS = {
     "format_version", "model_version", "cell", "num_layers", "hidden_size", "embedding_size", "num_items",
     "event_types", "k", "opset", "inputs", "outputs", "graph_file", "graph_sha256", "items_file",
     "training_data", "parity", "metrics", "created_at", "train_config", "tied_embeddings", "item_features",
-    "event_value",
+    "event_value", "heads",
 }
 
 
@@ -87,7 +87,7 @@ def test_manifest_keys_and_values(bundle):
     manifest = json.loads((bundle.path / "manifest.json").read_text())
 
     assert MANIFEST_KEYS <= set(manifest)
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert manifest["cell"] == "gru"
     assert (manifest["num_layers"], manifest["hidden_size"], manifest["embedding_size"]) == (2, 16, 8)
     assert manifest["num_items"] == 31

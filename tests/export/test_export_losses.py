@@ -113,7 +113,10 @@ def test_unknown_loss_is_rejected():
 
 def sequence(items: list[int]) -> TrainingSequence:
     array = np.array(items, dtype=np.int64)
-    return TrainingSequence(array[:-1], np.zeros(len(items) - 1, dtype=np.int64), np.full(len(items) - 1, np.nan, np.float32), array[1:])
+    length = len(items) - 1
+    return TrainingSequence(
+        array[:-1], np.zeros(length, dtype=np.int64), np.full(length, np.nan, np.float32), array[1:], np.zeros(length, np.float32)
+    )
 
 
 def test_session_parallel_slots_take_next_sequence_and_reset():

@@ -130,9 +130,10 @@ def test_parity_allows_swaps_only_between_tied_scores():
 
     hidden = np.zeros((1, 1, 2), dtype=np.float32)
     full_scores = np.array([[-np.inf, 3.0, 2.0, 2.0 + 1e-7, 1.0]], dtype=np.float32)
-    torch_outputs = (hidden, np.array([[3.0, 2.0 + 1e-7, 2.0]], dtype=np.float32), np.array([[1, 3, 2]]))
-    tied_swap = (hidden, torch_outputs[1], np.array([[1, 2, 3]]))
-    real_swap = (hidden, torch_outputs[1], np.array([[1, 4, 2]]))
+    scores = np.array([[3.0, 2.0 + 1e-7, 2.0]], dtype=np.float32)
+    torch_outputs = {"hidden": hidden, "scores": scores, "items": np.array([[1, 3, 2]])}
+    tied_swap = {"hidden": hidden, "scores": scores, "items": np.array([[1, 2, 3]])}
+    real_swap = {"hidden": hidden, "scores": scores, "items": np.array([[1, 4, 2]])}
 
     comparison = _Comparison(tolerance=1e-5)
     comparison.compare("tied", torch_outputs, tied_swap, full_scores)

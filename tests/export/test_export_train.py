@@ -176,7 +176,7 @@ def test_cli_rejects_k_beyond_catalogue_before_training(tmp_path, capsys):
     status = main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--k", "31"])
 
     assert status == 1
-    assert "--k 31 is larger than the 30 items" in capsys.readouterr().err
+    assert "--candidates 31 is larger than the 30 items" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -196,3 +196,4 @@ def test_cli_defaults_match_config_defaults():
     assert args.patience == train_defaults.patience
     assert args.seed == train_defaults.seed
     assert args.max_minutes == train_defaults.max_minutes
+    assert args.conversion_weight == train_defaults.conversion_weight
