@@ -40,6 +40,9 @@ def broker(tmp_path_factory):
         yield running
 
 
+SERVED_K = 20
+
+
 def write_random_bundle(dataset_dir: Path, out_dir: Path, seed: int) -> Path:
     """Write a bundle over the MovieLens item vocabulary with seeded random weights.
 
@@ -57,7 +60,10 @@ def write_random_bundle(dataset_dir: Path, out_dir: Path, seed: int) -> Path:
     vocabulary = ItemVocabulary.from_interactions(load_movielens(dataset_dir))
     model = GRU4Rec(ModelConfig(num_items=len(vocabulary), embedding_size=32, hidden_size=64))
     metrics = {"model": {"test": {}}, "baselines": {}}
-    write_bundle(out_dir, model, vocabulary, {}, metrics, train_config={"seed": seed}, training_data={"dataset": "ml-100k"})
+    # k equals the worker's default STREAMREC_TOP_K, so a served top-K can be compared whole with the offline one.
+    write_bundle(
+        out_dir, model, vocabulary, {}, metrics, train_config={"seed": seed}, training_data={"dataset": "ml-100k"}, k=SERVED_K
+    )
     return out_dir
 
 

@@ -31,6 +31,9 @@ VARIANTS = {
     "gru-features-value": {"num_item_features": NUM_FEATURES, "use_event_value": True},
 }
 
+# Candidates per step in the variant bundles; the worker publishes all of them.
+K = 5
+
 
 def tiny_model(seed: int = 0, **options) -> GRU4Rec:
     torch.manual_seed(seed)
@@ -118,8 +121,8 @@ def test_item_feature_table_of_wrong_shape_is_rejected():
 def test_onnx_parity_per_variant(variant):
     model = tiny_model(**VARIANTS[variant])
 
-    graph_bytes = export_step_graph(model, k=5)
-    result = check_parity(model, graph_bytes, k=5, chained_steps=30)
+    graph_bytes = export_step_graph(model, k=K)
+    result = check_parity(model, graph_bytes, k=K, chained_steps=30)
 
     assert result.passed
     assert result.hidden_max_abs_diff < 1e-5
@@ -128,14 +131,14 @@ def test_onnx_parity_per_variant(variant):
 
 def test_parity_covers_lstm_cell_state():
     model = tiny_model(cell="lstm", num_layers=2)
-    graph_bytes = export_step_graph(model, k=5)
+    graph_bytes = export_step_graph(model, k=K)
     changed = tiny_model(cell="lstm", num_layers=2)
     with torch.no_grad():
         # The forget gate acts only through the cell state.
         changed.rnn.bias_hh_l1[12] += 0.5
 
     with pytest.raises(Exception, match="differs"):
-        check_parity(changed, graph_bytes, k=5, chained_steps=5)
+        check_parity(changed, graph_bytes, k=K, chained_steps=5)
 
 
 def test_graph_inputs_follow_the_configuration():
@@ -162,7 +165,7 @@ def variant_bundles(tmp_path_factory):
         out_dir = tmp_path_factory.mktemp("bundles") / name
         model = tiny_model(seed=seed, **VARIANTS[name])
         write_bundle(
-            out_dir, model, vocabulary, {}, metrics, train_config={}, training_data={"dataset": "synthetic"}, k=5,
+            out_dir, model, vocabulary, {}, metrics, train_config={}, training_data={"dataset": "synthetic"}, k=K,
             item_feature_names=feature_names,
         )
         bundles[name] = out_dir
@@ -214,7 +217,7 @@ def test_manifest_describes_optional_inputs(variant_bundles):
 
 def test_worker_serves_variant_like_pytorch(variant_bundles):
     bundle_dir = variant_bundles["lstm-2-layers-tied-features-value"]
-    processor = Processor(Settings(), load_bundle(bundle_dir), WorkerMetrics())
+    processor = Processor(Settings(top_k=K), load_bundle(bundle_dir), WorkerMetrics())
     events = [("u1", "101", 5.0), ("u2", "117", None), ("u1", "123", 1.0), ("u1", "999", 3.0), ("u2", "102", 4.0)]
 
     result = processor.process(event_messages(events), DictStore())
@@ -232,7 +235,7 @@ def test_worker_serves_variant_like_pytorch(variant_bundles):
 def test_worker_rebuild_after_model_change_replays_values(variant_bundles):
     plain = load_bundle(variant_bundles["gru"])
     rich_dir = variant_bundles["lstm-2-layers-tied-features-value"]
-    processor = Processor(Settings(), plain, WorkerMetrics())
+    processor = Processor(Settings(top_k=K), plain, WorkerMetrics())
     store = DictStore()
     history = [("u1", "101", 5.0), ("u1", "105", 2.0), ("u1", "130", None)]
     processor.process(event_messages(history), store).write_states(store)
