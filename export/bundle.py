@@ -86,16 +86,22 @@ def render_items(vocabulary: ItemVocabulary, titles: dict[str, str]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def read_item_ids(path: Path) -> list[str]:
-    """Read items.tsv into a list indexed by item index, with "" at index 0."""
+def _read_tsv(path: Path, header: tuple[str, ...], missing: str) -> list[list[str]]:
+    """Read a tab-separated bundle file whose first row must be ``header``; raise BundleError otherwise."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise BundleError(f"{path} not found; the bundle is incomplete, write it again.") from None
+        raise BundleError(missing) from None
 
     rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
-    if not rows or tuple(rows[0]) != ITEMS_HEADER:
-        raise BundleError(f"{path}: header is {rows[:1]!r}, expected {list(ITEMS_HEADER)!r}.")
+    if not rows or tuple(rows[0]) != header:
+        raise BundleError(f"{path}: header is {rows[:1]!r}, expected {list(header)!r}.")
+    return rows
+
+
+def read_item_ids(path: Path) -> list[str]:
+    """Read items.tsv into a list indexed by item index, with "" at index 0."""
+    rows = _read_tsv(path, ITEMS_HEADER, f"{path} not found; the bundle is incomplete, write it again.")
 
     item_ids = [""]
     for line_number, row in enumerate(rows[1:], start=2):
@@ -137,14 +143,9 @@ def render_categories(vocabulary: ItemVocabulary, categories: dict[str, list[str
 
 def read_categories(path: Path, item_ids: list[str]) -> list[frozenset[str]]:
     """Read categories.tsv into a list of category sets indexed by item index (index 0 empty)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BundleError(f"{path} not found, but the manifest names it; the bundle is incomplete, write it again.") from None
-
-    rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
-    if not rows or tuple(rows[0]) != CATEGORIES_HEADER:
-        raise BundleError(f"{path}: header is {rows[:1]!r}, expected {list(CATEGORIES_HEADER)!r}.")
+    rows = _read_tsv(
+        path, CATEGORIES_HEADER, f"{path} not found, but the manifest names it; the bundle is incomplete, write it again."
+    )
     categories = [frozenset()]
     for line_number, row in enumerate(rows[1:], start=2):
         index = len(categories)

@@ -6,7 +6,6 @@ import csv
 import json
 
 import numpy as np
-import onnxruntime  # noqa: F401  (fails early when the runtime is missing)
 import pytest
 import torch
 from export_helpers import make_interactions
@@ -390,25 +389,22 @@ def test_tradeoff_writes_json_rows_and_png(tradeoff_inputs, tmp_path, capsys):
 
 
 @pytest.mark.multi_objective
-def test_tradeoff_conversion_weight_raises_strong_precision(tradeoff_inputs, tmp_path):
+@pytest.mark.parametrize(
+    "grid, weights, metric",
+    [
+        (["conversion=0,2"], (2.0, 0.0), "strong_precision@10"),
+        (["popularity=0,2"], (0.0, 2.0), "popularity_bias@10"),
+    ],
+    ids=["conversion-raises-strong-precision", "popularity-raises-popularity-bias"],
+)
+def test_tradeoff_weight_moves_its_metric(tradeoff_inputs, tmp_path, grid, weights, metric):
     bundle, data = tradeoff_inputs
 
-    rows = run_sweep(bundle, data, tmp_path, ["conversion=0,2"])
+    rows = run_sweep(bundle, data, tmp_path, grid)
 
     preference_only = metrics_for(rows, 0.0, 0.0)
-    with_conversion = metrics_for(rows, 2.0, 0.0)
-    assert with_conversion["strong_precision@10"] > preference_only["strong_precision@10"]
-
-
-@pytest.mark.multi_objective
-def test_tradeoff_popularity_weight_raises_popularity_bias(tradeoff_inputs, tmp_path):
-    bundle, data = tradeoff_inputs
-
-    rows = run_sweep(bundle, data, tmp_path, ["popularity=0,2"])
-
-    preference_only = metrics_for(rows, 0.0, 0.0)
-    with_popularity = metrics_for(rows, 0.0, 2.0)
-    assert with_popularity["popularity_bias@10"] > preference_only["popularity_bias@10"]
+    weighted = metrics_for(rows, *weights)
+    assert weighted[metric] > preference_only[metric]
 
 
 @pytest.mark.multi_objective
