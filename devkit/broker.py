@@ -303,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_foreground(port: int | None, log_path: Path | None, startup_timeout_s: float) -> int:
-    # SIGTERM stops the broker as cleanly as Ctrl-C does.
+    # SIGTERM stops the broker as cleanly as Ctrl-C does. SIGINT gets the same handler, because
+    # a process started in the background by a shell inherits SIGINT ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     broker = EmbeddedBroker(port, log_path=log_path, startup_timeout_s=startup_timeout_s)
     try:
         broker.start()
