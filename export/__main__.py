@@ -123,6 +123,11 @@ def add_model_options(command: argparse.ArgumentParser) -> None:
         "--conversion-weight", type=non_negative_float, default=1.0,
         help="weight of the conversion head's binary cross-entropy beside the next-item loss; 0 is allowed (default 1.0)",
     )
+    command.add_argument(
+        "--conversion-shares-encoder", action="store_true",
+        help="let the conversion loss train the embeddings and the recurrent cell as well as the head "
+        "(default: the head alone, which keeps next-item quality that of a model without the head)",
+    )
 
     command.add_argument("--method", choices=("sequence", "session_parallel"), default="sequence", help="mini-batch method (default sequence)")
     command.add_argument(
@@ -323,6 +328,7 @@ def build_configs(args: argparse.Namespace, dataset):
         checkpoint_dir=None if getattr(args, "checkpoint_dir", None) is None else str(args.checkpoint_dir),
         resume=getattr(args, "resume", False),
         conversion_weight=getattr(args, "conversion_weight", 1.0),
+        conversion_shares_encoder=getattr(args, "conversion_shares_encoder", False),
     )
     return model_config, train_config
 

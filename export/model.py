@@ -143,11 +143,14 @@ class GRU4Rec(nn.Module):
         # + conversion_bias[i] + conversion_offset. The per-item bias learns each item's
         # base rate, and the shared offset the overall rate for items seen rarely.
         config = self.config
-        self.conversion_projection = nn.Linear(config.hidden_size, config.embedding_size, bias=False)
-        self.conversion_item_embedding = nn.Embedding(config.num_items, config.embedding_size)
+        # The head draws its initial weights without advancing the global random state, so
+        # the rest of training (dropout masks included) runs as it would without the head.
+        with torch.random.fork_rng(devices=[]):
+            self.conversion_projection = nn.Linear(config.hidden_size, config.embedding_size, bias=False)
+            self.conversion_item_embedding = nn.Embedding(config.num_items, config.embedding_size)
+            nn.init.normal_(self.conversion_item_embedding.weight, std=0.05)
         self.conversion_bias = nn.Parameter(torch.zeros(config.num_items))
         self.conversion_offset = nn.Parameter(torch.zeros(()))
-        nn.init.normal_(self.conversion_item_embedding.weight, std=0.05)
 
     # -- constants from the training data ----------------------------------------------------
 

@@ -14,7 +14,8 @@ negatives, because evaluation excludes them from the ranking too. Two ways to ba
 
 Either way the loss is one of ``export.losses.LOSSES``. A model with a conversion head
 adds ``conversion_weight`` x the binary cross-entropy of the head at each target item,
-labelled 1 when the target's interaction was strong. With ``checkpoint_dir`` set, the
+labelled 1 when the target's interaction was strong. Unless ``conversion_shares_encoder``
+is set, that loss reaches only the head's own weights, with their gradients clipped apart. With ``checkpoint_dir`` set, the
 best weights are saved there after every improvement (``best.pt``, the bundle checkpoint
 format) and the whole training state after every epoch (``last.pt``), from which
 ``resume`` continues.
@@ -79,6 +80,10 @@ class TrainConfig:
     # Weight of the conversion head's binary cross-entropy in the joint loss; 0 leaves the
     # head untrained. Ignored by a model without the head.
     conversion_weight: float = 1.0
+    # Let the conversion loss train the embeddings and the recurrent cell too. Off, the head
+    # learns from the cell outputs as they are, so next-item quality is that of a model
+    # without the head.
+    conversion_shares_encoder: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "batch_size", "patience"):
@@ -412,11 +417,20 @@ def _train_epoch(
             num_negatives=train_config.num_negatives,
             bpr_max_regularization=train_config.bpr_max_regularization,
         )
+        shared = train_config.conversion_shares_encoder
         if model.config.conversion_head and train_config.conversion_weight:
-            loss = loss + train_config.conversion_weight * conversion_loss(model, outputs, targets, strong)
+            head_inputs = outputs if shared else outputs.detach()
+            loss = loss + train_config.conversion_weight * conversion_loss(model, head_inputs, targets, strong)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
+        if shared:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.max_grad_norm)
+        else:
+            # Clipping the head apart keeps its gradients from scaling down the next-item ones.
+            head, rest = _split_conversion_parameters(model)
+            torch.nn.utils.clip_grad_norm_(rest, train_config.max_grad_norm)
+            if head:
+                torch.nn.utils.clip_grad_norm_(head, train_config.max_grad_norm)
         optimizer.step()
 
         total_loss += float(loss.item()) * len(targets)
@@ -431,6 +445,14 @@ def _train_epoch(
 # (targets, items) mask of already-seen items with the target's own column left False,
 # and the targets' strong labels (targets,) float32.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _split_conversion_parameters(model: GRU4Rec) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Return the conversion head's parameters and all the others."""
+    head, rest = [], []
+    for name, parameter in model.named_parameters():
+        (head if name.startswith("conversion_") else rest).append(parameter)
+    return head, rest
 
 
 def conversion_loss(model: GRU4Rec, outputs: torch.Tensor, targets: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:

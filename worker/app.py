@@ -145,6 +145,59 @@ def _set_fetch_max_wait(milliseconds: int) -> None:
     faust_driver.aiokafka = _ModuleWith(aiokafka, AIOKafkaConsumer=BoundedFetchWaitConsumer)
 
 
+def _seek_back_dropped_records() -> None:
+    """Make faust's consumer refetch records it fetched but never delivered.
+
+    faust-streaming 0.15.3's Consumer.getmany delivers only the records of partitions that
+    are active when it iterates them: records of a partition paused meanwhile (for a table
+    recovery, for example) are dropped, yet the client's position has moved past them. The
+    next records then arrive after a jump, which faust takes for compaction and commits
+    past, so the dropped events are never processed. This wrapper seeks such a partition
+    back to its first dropped record. A record delivered twice is skipped by offset.
+    """
+    # NOTE: this wraps two methods of faust's base Consumer class, internals of
+    # faust-streaming 0.15; the crash and rebalance tests exercise it.
+    from faust.transport import consumer as faust_consumer
+
+    base = faust_consumer.Consumer
+    if getattr(base, "_streamrec_seeks_back", False):
+        return
+    fetch = base._wait_next_records
+    deliver = base.getmany
+
+    async def _wait_next_records(self: Any, timeout: float) -> Any:
+        records, active_partitions = await fetch(self, timeout)
+        self._streamrec_fetched = records
+        return records, active_partitions
+
+    async def getmany(self: Any, timeout: float) -> Any:
+        generation = self.app.consumer_generation_id
+        self._streamrec_fetched = None
+        delivered: dict[Any, int] = {}
+        async for tp, message in deliver(self, timeout):
+            delivered[tp] = message.offset
+            yield tp, message
+        fetched = self._streamrec_fetched
+        self._streamrec_fetched = None
+        # After a rebalance or with the flow stopped, faust itself seeks to the committed offsets.
+        if not fetched or not self.flow_active or self.app.consumer_generation_id != generation:
+            return
+        assigned = self.assignment()
+        for tp, records in fetched.items():
+            last = delivered.get(tp)
+            dropped = [record.offset for record in records if last is None or record.offset > last]
+            if dropped and tp in assigned:
+                log.warning(
+                    "%d fetched records of %s[%d] from offset %d were not delivered; fetching them again",
+                    len(dropped), tp.topic, tp.partition, dropped[0],
+                )
+                await self.seek(tp, dropped[0])
+
+    base._wait_next_records = _wait_next_records
+    base.getmany = getmany
+    base._streamrec_seeks_back = True
+
+
 class _ModuleWith:
     """A view of a module with some attributes replaced."""
 
@@ -161,6 +214,7 @@ class _ModuleWith:
 def build_faust_app(settings: Settings) -> faust.App:
     """Return a faust app with the worker's Kafka, RocksDB and web settings and no agents yet."""
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
+    _seek_back_dropped_records()
     return faust.App(
         settings.app_id,
         broker=settings.broker,

@@ -94,8 +94,9 @@ def test_conversion_head_separates_strong_items(method):
         items = torch.arange(1, 21).expand(len(dataset.users), 20)  # (users, 20)
         probabilities = torch.sigmoid(model.conversion_logits(outputs, items))  # (users, 20)
 
-    assert probabilities[:, :10].mean() > 0.8
-    assert probabilities[:, 10:].mean() < 0.2
+    # The head trains on the cell outputs alone, so its probabilities separate the items
+    # without reaching 0 or 1 within the epochs that next-item early stopping keeps.
+    assert probabilities[:, :10].mean() > probabilities[:, 10:].mean() + 0.1
     test = evaluate_model(model, dataset, "test")
     assert test["conversion_auc"] > 0.95
     assert 0.0 < test["strong_rate"] < 1.0
@@ -109,6 +110,19 @@ def test_conversion_weight_zero_leaves_head_untrained():
     model = train_model(dataset, config, TrainConfig(max_epochs=1, conversion_weight=0.0), show_progress=False).model
 
     assert torch.equal(model.conversion_bias.detach(), untrained)
+
+
+def test_head_leaves_next_item_training_unchanged():
+    dataset = split_leave_one_out(strong_and_weak_log(users=12, events=8))
+    train_config = TrainConfig(max_epochs=2, batch_size=4, patience=2)
+    trained = {}
+    for head in (False, True):
+        torch.manual_seed(5)
+        config = ModelConfig(num_items=dataset.num_items, embedding_size=4, hidden_size=8, conversion_head=head)
+        trained[head] = train_model(dataset, config, train_config, show_progress=False).model.state_dict()
+
+    for name, tensor in trained[False].items():
+        assert torch.equal(tensor, trained[True][name]), name
 
 
 def test_head_off_draws_same_initial_weights():
