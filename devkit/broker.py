@@ -5,6 +5,15 @@ restart loses every topic and message. Tansu 0.6.0 rejects CreatePartitions, and
 accepts transactions without isolating them: read_committed consumers also see aborted
 messages (seen with confluent-kafka 2.16.1).
 
+NOTE: Tansu 0.6.0 returns the base offset of a partition's last record batch plus one for
+ListOffsets(latest), not the high watermark. After three batches of 100 records at offsets
+0, 100 and 200 it returns 201, while its Fetch responses carry the right high watermark, 300
+(seen with confluent-kafka 2.16.1 and aiokafka 0.14.0). So clients that read end offsets
+through ListOffsets (confluent-kafka get_watermark_offsets, aiokafka end_offsets, faust's
+table recovery) see a partition as shorter than it is whenever its last batch contains more
+than one record. Apache Kafka returns the high watermark. A fetch from an offset inside a
+batch returns that batch, as Kafka does.
+
     python -m devkit.broker --check     # verify that the binary exists and runs
     python -m devkit.broker [--port N]  # run in the foreground until Ctrl-C
 """

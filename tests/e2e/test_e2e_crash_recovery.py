@@ -26,7 +26,10 @@ from worker.state import decode_state
 # NOTE: in one full run of the suite the variant with RocksDB deleted and changelog records
 # delayed lost 362 events: the restarted worker's first batch jumped over 180 offsets in three
 # partitions (the worker logged each jump). The cause is not found yet, so a failure is
-# reported without failing the suite.
+# reported without failing the suite. Ruled out: the embedded broker returns the whole batch
+# for a fetch or a committed offset inside a record batch. Known: it under-reports end offsets
+# (see devkit/broker.py), so faust's recovery of a deleted RocksDB directory and
+# wait_for_changelog_end below can stop before the changelog's last record batch.
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.reliability,
