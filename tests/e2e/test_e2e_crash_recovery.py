@@ -27,16 +27,17 @@ from worker.state import decode_state
 # delayed lost 362 events: the restarted worker's first batch jumped over 180 offsets in three
 # partitions. faust-streaming drops records it fetched for a partition that is paused
 # meanwhile (as during a table recovery) and then commits past them; the worker now fetches
-# such records again (worker.app._seek_back_dropped_records). Too few runs have passed since
-# to call the loss fixed, so a failure is reported without failing the suite. Ruled out: the
-# embedded broker returns the whole batch for a fetch inside a record batch. Known: it
-# under-reports end offsets (see devkit/broker.py), so wait_for_changelog_end below can stop
-# before the changelog's last record batch.
+# such records again (worker.app._seek_back_dropped_records). In a later full run the
+# variant without deletion still lost 6 events per partition just after the restarted
+# worker became ready, by a path not found yet, so a failure is reported without failing
+# the suite. Ruled out: the embedded broker returns the whole batch for a fetch inside a
+# record batch. Known: it under-reports end offsets (see devkit/broker.py), so
+# wait_for_changelog_end below can stop before the changelog's last record batch.
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.reliability,
-    pytest.mark.xfail(strict=False, reason="events lost after a restart from the changelog in one run, before dropped records were fetched again"),
+    pytest.mark.xfail(strict=False, reason="events can be lost just after a restarted worker becomes ready; cause not found yet"),
 ]
 
 USERS = 60
