@@ -106,7 +106,7 @@ class Settings:
     blend_conversion: float = _setting(
         0.0, "Blend weight of the conversion head's probability of a strong interaction; above 0 needs a bundle with the head."
     )
-    blend_popularity: float = _setting(0.0, "Blend weight of live item popularity (decayed event counts, relative to the top candidate's).")
+    blend_popularity: float = _setting(0.0, "Blend weight of live item popularity (decayed event counts, relative to the largest count among the user's candidates).")
     blend_name: str = _setting("default", "Label of the blend, copied into each recommendation so that A/B tests can tell blends apart.")
     exclude: str = _setting(
         EXCLUDE_SEEN,

@@ -137,12 +137,12 @@ def check_model_settings(settings: Settings, model: StepModel) -> None:
     if settings.top_k > model.k:
         raise BundleError(
             f"{model.bundle_dir}: {ENV_PREFIX}TOP_K={settings.top_k} is more than the bundle's k={model.k} candidates; "
-            f"lower {ENV_PREFIX}TOP_K or export the bundle with --candidates {settings.top_k} or more"
+            f"lower {ENV_PREFIX}TOP_K or train a bundle with `python -m export train --candidates {settings.top_k}`"
         )
     if settings.blend_conversion > 0 and not model.has_conversion:
         raise BundleError(
             f"{model.bundle_dir}: {ENV_PREFIX}BLEND_CONVERSION={settings.blend_conversion} needs a conversion head, and "
-            f"model {model.version} has none; set {ENV_PREFIX}BLEND_CONVERSION=0 or export the model with the head"
+            f"model {model.version} has none; set {ENV_PREFIX}BLEND_CONVERSION=0 or serve a bundle trained without --no-conversion-head"
         )
 
 
