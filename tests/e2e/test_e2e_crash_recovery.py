@@ -26,7 +26,7 @@ from worker.state import decode_state
 # NOTE: in one full run of the suite the variant with RocksDB deleted and changelog records
 # delayed lost 362 events: the restarted worker's first batch jumped over 180 offsets in three
 # partitions. faust-streaming drops records it fetched for a partition that is paused
-# meanwhile (as during a table recovery) and then commits past them; the worker now fetches
+# meanwhile (as during a table recovery) and then commits past them. The worker now fetches
 # such records again (worker.app._seek_back_dropped_records). In a later full run the
 # variant without deletion still lost 6 events per partition just after the restarted
 # worker became ready, by a path not found yet, so a failure is reported without failing

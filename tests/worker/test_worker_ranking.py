@@ -327,5 +327,6 @@ def test_ranking_defaults():
     assert settings.top_k == 20
     assert settings.blend_weights.preference_only
     assert settings.exclude == "seen"
-    assert settings.allow_items is None and settings.deny_items is None
+    assert settings.allow_items is None
+    assert settings.deny_items is None
     assert settings.popularity_event_weight_map == {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "rating": 4.0}
