@@ -7,7 +7,7 @@ import json
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import faust
 from faust.streams import _current_event
@@ -87,7 +87,8 @@ class StateTable(faust.Table):
     record being handed over. So an offset can be committed while the changelog record of a
     state written for an earlier event is still unsent. After a SIGKILL at that moment the
     event is not redelivered, and a worker that recovers from the changelog misses the state.
-    The agent therefore waits for these records before faust acknowledges its events.
+    The consumer therefore waits for these records before each commit (see
+    _commit_after_changelog), and the agent goes on with its next batch meanwhile.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -145,45 +146,117 @@ def _set_fetch_max_wait(milliseconds: int) -> None:
     faust_driver.aiokafka = _ModuleWith(aiokafka, AIOKafkaConsumer=BoundedFetchWaitConsumer)
 
 
-def _seek_back_dropped_records() -> None:
-    """Make faust's consumer refetch records it fetched but never delivered.
+def _deliver_fetched_records_in_order() -> None:
+    """Make faust's consumer deliver fetched records in offset order, fetching again any it drops.
 
-    faust-streaming 0.15.3's Consumer.getmany delivers only the records of partitions that
-    are active when it iterates them: records of a partition paused meanwhile (for a table
-    recovery, for example) are dropped, yet the client's position has moved past them. The
-    next records then arrive after a jump, which faust takes for compaction and commits
-    past, so the dropped events are never processed. This wrapper seeks such a partition
-    back to its first dropped record. A record delivered twice is skipped by offset.
+    Three paths of faust-streaming 0.15.3 lose events, and this wrapper closes them:
+
+    - Consumer.getmany delivers only the records of partitions that are active when it
+      iterates them: records of a partition paused meanwhile (for a table recovery, for
+      example) are dropped, yet the client's position has moved past them. The partition is
+      sought back to its first dropped record.
+    - After a table recovery faust resumes the input partitions, then seeks them to the
+      committed offsets, while its fetcher keeps running. Records fetched before or during
+      that seek come from the old position. Delivered, they were processed ahead of the
+      records the seek fetches again, and offset bookkeeping then held commits back. They
+      are now held back, and each partition is sought once more after the seek.
+    - That seek leaves a partition without a committed offset where the client's position
+      is. For a partition kept through a rebalance, that is past the records fetched
+      before it and never processed. Such a partition is sought to its earliest offset,
+      as consumer_auto_offset_reset="earliest" intends.
+
+    The next records then arrive in order, with no jump that faust would take for
+    compaction and commit past. A record delivered twice is skipped by offset.
     """
-    # NOTE: this wraps two methods of faust's base Consumer class, internals of
+    # NOTE: this wraps three methods of faust's base Consumer class, internals of
     # faust-streaming 0.15; the crash and rebalance tests exercise it.
     from faust.transport import consumer as faust_consumer
 
     base = faust_consumer.Consumer
-    if getattr(base, "_streamrec_seeks_back", False):
+    if getattr(base, "_streamrec_in_order", False):
         return
     fetch = base._wait_next_records
     deliver = base.getmany
+    seek_to_committed = base.perform_seek
+
+    def seeks(consumer: Any) -> int:
+        # Odd while a seek to the committed offsets runs: each seek adds one at its start and one at its end.
+        return getattr(consumer, "_streamrec_seeks", 0)
+
+    def is_input(consumer: Any, tp: Any) -> bool:
+        # A partition of a topic that agents consume, not a table's changelog or faust's leader topic.
+        return not consumer._is_changelog_tp(tp) and consumer.app.topics.acks_enabled_for(tp.topic)
+
+    def held_back(consumer: Any) -> dict[Any, int]:
+        if not hasattr(consumer, "_streamrec_held"):
+            consumer._streamrec_held = {}
+        return consumer._streamrec_held
+
+    async def seek_to_start(consumer: Any, tps: Any, reason: str) -> None:
+        # The committed offset, or the earliest one where none is committed (auto_offset_reset=earliest).
+        committed = consumer._committed_offset
+        uncommitted = [tp for tp in tps if committed.get(tp) is None]
+        earliest = await consumer.earliest_offsets(*uncommitted) if uncommitted else {}
+        for tp in tps:
+            target = committed.get(tp)
+            if target is None:
+                target = earliest.get(tp)
+                if target is None:
+                    continue
+            log.info("%s[%d]: %s; fetching from offset %d", tp.topic, tp.partition, reason, target)
+            await consumer.seek(tp, target)
+
+    async def seek_held_back(consumer: Any) -> None:
+        held, consumer._streamrec_held = held_back(consumer), {}
+        assigned = consumer.assignment()
+        await seek_to_start(
+            consumer, [tp for tp in held if tp in assigned], "records fetched while seeking to the committed offsets were held back"
+        )
+
+    async def perform_seek(self: Any) -> None:
+        self._streamrec_seeks = seeks(self) + 1
+        try:
+            await seek_to_committed(self)
+        finally:
+            self._streamrec_seeks = seeks(self) + 1
+        # faust leaves a partition without a committed offset where the client's position is,
+        # which for a partition kept through a rebalance is past records never processed.
+        uncommitted = [tp for tp in self.assignment() if self._committed_offset.get(tp) is None and is_input(self, tp)]
+        await seek_to_start(self, uncommitted, "no committed offset")
+        await seek_held_back(self)
 
     async def _wait_next_records(self: Any, timeout: float) -> Any:
+        before = seeks(self)
         records, active_partitions = await fetch(self, timeout)
-        self._streamrec_fetched = records
+        self._streamrec_fetched = (records, before)
         return records, active_partitions
 
     async def getmany(self: Any, timeout: float) -> Any:
         generation = self.app.consumer_generation_id
         self._streamrec_fetched = None
         delivered: dict[Any, int] = {}
+        held: dict[Any, int] = {}
         async for tp, message in deliver(self, timeout):
+            fetched_at = self._streamrec_fetched[1] if self._streamrec_fetched else seeks(self)
+            if (fetched_at % 2 or seeks(self) != fetched_at) and is_input(self, tp):
+                held.setdefault(tp, message.offset)
+                continue
             delivered[tp] = message.offset
             yield tp, message
-        fetched = self._streamrec_fetched
+        fetched = self._streamrec_fetched[0] if self._streamrec_fetched else None
         self._streamrec_fetched = None
+        if held:
+            for tp, offset in held.items():
+                held_back(self).setdefault(tp, offset)
+            if not seeks(self) % 2:
+                await seek_held_back(self)
         # After a rebalance or with the flow stopped, faust itself seeks to the committed offsets.
         if not fetched or not self.flow_active or self.app.consumer_generation_id != generation:
             return
         assigned = self.assignment()
         for tp, records in fetched.items():
+            if tp in held:
+                continue
             last = delivered.get(tp)
             dropped = [record.offset for record in records if last is None or record.offset > last]
             if dropped and tp in assigned:
@@ -195,7 +268,74 @@ def _seek_back_dropped_records() -> None:
 
     base._wait_next_records = _wait_next_records
     base.getmany = getmany
-    base._streamrec_seeks_back = True
+    base.perform_seek = perform_seek
+    base._streamrec_in_order = True
+
+
+def _keep_queued_events_on_repeated_resume() -> None:
+    """Make resuming a flow that is not suspended leave faust's stream queues as they are.
+
+    mode's FlowControlEvent.resume() empties every queue it manages, the agents' input
+    queues among them. faust-streaming 0.15.3 resumes the flow when a table recovery starts
+    and again when it completes. Between the two it resumes fetching from the input
+    partitions and waits for the seek to the committed offsets, so events fetched meanwhile
+    are queued, and the second resume dropped them while the consumer's position had moved
+    past them. The next event then arrived after a jump, which faust commits past. A resume
+    after a suspension (a rebalance) still empties the queues: the seek that follows it
+    fetches their events again.
+    """
+    # NOTE: this wraps a method of mode's FlowControlEvent (mode-streaming 0.7), which faust
+    # uses as app.flow_control; the crash and rebalance tests exercise it.
+    from mode.utils.queues import FlowControlEvent
+
+    if getattr(FlowControlEvent, "_streamrec_keeps_queues", False):
+        return
+    resume = FlowControlEvent.resume
+
+    def resume_if_suspended(self: Any) -> None:
+        if not self.is_active():
+            resume(self)
+
+    FlowControlEvent.resume = resume_if_suspended
+    FlowControlEvent._streamrec_keeps_queues = True
+
+
+def _commit_after_changelog() -> None:
+    """Make faust's consumer commit offsets only after the changelog records written so far are acknowledged.
+
+    An event is acknowledged to faust once its state is written to the table, before the
+    state's changelog record reaches the broker; see StateTable. Waiting here instead of in
+    the agent keeps that wait off the path of every batch: it costs one wait per commit.
+    A changelog record the broker refused stops the worker without committing, so that
+    the events are applied again after the restart.
+    """
+    # NOTE: this wraps a method of faust's base Consumer class, internals of faust-streaming
+    # 0.15 (every commit goes through it); the crash test exercises it.
+    from faust.transport import consumer as faust_consumer
+
+    base = faust_consumer.Consumer
+    if getattr(base, "_streamrec_commits_after_changelog", False):
+        return
+    commit_offsets = base._commit_offsets
+
+    async def _commit_offsets(self: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
+        for table in list(self.app.tables.values()):
+            if not isinstance(table, StateTable):
+                continue
+            try:
+                await table.wait_changelog_delivered()
+            except Exception as exc:
+                log.error(
+                    "changelog records of table %s were not delivered (%r); stopping without committing offsets, "
+                    "so that their events are applied again after a restart",
+                    table.name, exc,
+                )
+                await self.crash(exc)
+                return False
+        return await commit_offsets(self, offsets, start_new_transaction=start_new_transaction)
+
+    base._commit_offsets = _commit_offsets
+    base._streamrec_commits_after_changelog = True
 
 
 class _ModuleWith:
@@ -214,7 +354,9 @@ class _ModuleWith:
 def build_faust_app(settings: Settings) -> faust.App:
     """Return a faust app with the worker's Kafka, RocksDB and web settings and no agents yet."""
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
-    _seek_back_dropped_records()
+    _deliver_fetched_records_in_order()
+    _commit_after_changelog()
+    _keep_queued_events_on_repeated_resume()
     return faust.App(
         settings.app_id,
         broker=settings.broker,
@@ -245,6 +387,24 @@ def build_faust_app(settings: Settings) -> faust.App:
     )
 
 
+async def retry_batch(attempt: Callable[[], Awaitable[None]], description: str, metrics: WorkerMetrics) -> None:
+    """Run `attempt` until it succeeds, with a growing pause after each failure.
+
+    faust acknowledges the events of a batch even when the agent raises on them, and commits
+    them at the next commit: a failed batch must be retried, never passed over.
+    """
+    delay_s = RETRY_FIRST_DELAY_S
+    while True:
+        try:
+            await attempt()
+            return
+        except Exception:
+            metrics.batch_failures.inc()
+            log.exception("%s failed; retrying in %.0f s (its offsets stay uncommitted until it succeeds)", description, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S)
+
+
 async def process_and_deliver(
     events: Sequence[EventT],
     process: Callable[[Sequence[InputMessage], StateStore], BatchResult],
@@ -257,8 +417,8 @@ async def process_and_deliver(
 
     States are written only after every output is acknowledged: after a crash in between,
     the redelivered events are applied again and their outputs repeated, instead of being
-    skipped as already applied with their outputs lost. It returns once the broker has
-    acknowledged the states' changelog records, so `table` must be a StateTable.
+    skipped as already applied with their outputs lost. It returns without waiting for the
+    states' changelog records; the next offset commit waits for them (_commit_after_changelog).
     """
     lookup = {(event.message.partition, event.message.offset): event for event in events}
     store = _TableStore(table, lookup)
@@ -274,8 +434,6 @@ async def process_and_deliver(
             deliveries.append(await item_activity_topic.send(key=item_id.encode("utf-8"), value=encode_count(count)))
     await asyncio.gather(*deliveries)
     result.write_states(store)
-    # faust may commit these events' offsets before their changelog records are sent (see StateTable).
-    await table.wait_changelog_delivered()
     return result
 
 
@@ -316,10 +474,10 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
                 processed_offsets[partition] = max(offset, processed_offsets.get(partition, -1))
 
     def _report_offset_gaps(events: Sequence[EventT]) -> None:
-        # NOTE: faust-streaming 0.15.3 can drop fetched events during a rebalance and later
-        # commit past them (it takes an offset jump for compaction). This detects a jump
-        # within one assignment, it does not recover the events, and a jump at the start of
-        # an assignment goes unseen.
+        # NOTE: faust takes a jump in offsets for compaction and commits past it, and the
+        # events topic is not compacted. The paths by which faust-streaming 0.15.3 skips
+        # fetched events are closed (_deliver_fetched_records_in_order); this reports any
+        # other. It detects a jump within one assignment only, and it does not recover the events.
         last = dict(processed_offsets)
         for event in events:
             partition, offset = event.message.partition, event.message.offset
@@ -341,24 +499,11 @@ def create_app(settings: Settings, model: StepModel, metrics: WorkerMetrics | No
     app.on_partitions_revoked.connect(forget_revoked)
 
     async def _until_delivered(events: Sequence[EventT]) -> None:
-        # faust acknowledges the events of a batch even when the agent raises on them, and
-        # commits them at the next commit: a failed batch must be retried, never passed over.
-        delay_s = RETRY_FIRST_DELAY_S
-        while True:
-            try:
-                await process_and_deliver(
-                    events, processor.process, table, recommendations_topic, dead_letter_topic, item_activity_topic
-                )
-                return
-            except Exception:
-                metrics.batch_failures.inc()
-                partitions = sorted({event.message.partition for event in events})
-                log.exception(
-                    "batch of %d events from partitions %s failed; retrying in %.0f s (their offsets stay uncommitted until it succeeds)",
-                    len(events), partitions, delay_s,
-                )
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S)
+        async def deliver() -> None:
+            await process_and_deliver(events, processor.process, table, recommendations_topic, dead_letter_topic, item_activity_topic)
+
+        partitions = sorted({event.message.partition for event in events})
+        await retry_batch(deliver, f"batch of {len(events)} events from partitions {partitions}", metrics)
 
     def _expire_idle_users(events: Sequence[EventT]) -> None:
         # A partition's deletes need one of its events as faust's current event.
@@ -439,17 +584,11 @@ def _add_popularity(app: faust.App, settings: Settings, metrics: WorkerMetrics) 
 
     async def count_item_activity(stream: StreamT) -> None:
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_max_ms / 1000):
-            delay_s = RETRY_FIRST_DELAY_S
-            while True:
-                try:
-                    add_activity(events)
-                    await table.wait_changelog_delivered()
-                    break
-                except Exception:
-                    metrics.batch_failures.inc()
-                    log.exception("item-activity batch of %d records failed; retrying in %.0f s", len(events), delay_s)
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S)
+
+            async def add() -> None:
+                add_activity(events)
+
+            await retry_batch(add, f"item-activity batch of {len(events)} records", metrics)
 
     async def follow_popularity() -> None:
         await follow_changelog(
