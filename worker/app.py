@@ -235,18 +235,18 @@ def _deliver_fetched_records_in_order() -> None:
         generation = self.app.consumer_generation_id
         self._streamrec_fetched = None
         delivered: dict[Any, int] = {}
-        held: dict[Any, int] = {}
+        held_offsets: dict[Any, int] = {}
         async for tp, message in deliver(self, timeout):
             fetched_at = self._streamrec_fetched[1] if self._streamrec_fetched else seeks(self)
             if (fetched_at % 2 or seeks(self) != fetched_at) and is_input(self, tp):
-                held.setdefault(tp, message.offset)
+                held_offsets.setdefault(tp, message.offset)
                 continue
             delivered[tp] = message.offset
             yield tp, message
         fetched = self._streamrec_fetched[0] if self._streamrec_fetched else None
         self._streamrec_fetched = None
-        if held:
-            for tp, offset in held.items():
+        if held_offsets:
+            for tp, offset in held_offsets.items():
                 held_back(self).setdefault(tp, offset)
             if not seeks(self) % 2:
                 await seek_held_back(self)
@@ -255,7 +255,7 @@ def _deliver_fetched_records_in_order() -> None:
             return
         assigned = self.assignment()
         for tp, records in fetched.items():
-            if tp in held:
+            if tp in held_offsets:
                 continue
             last = delivered.get(tp)
             dropped = [record.offset for record in records if last is None or record.offset > last]

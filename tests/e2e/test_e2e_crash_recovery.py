@@ -23,12 +23,12 @@ from devkit.replay import first_users, interaction_events, replay_events
 from export.data import load_movielens
 from worker.state import decode_state
 
-# NOTE: a restarted worker lost events on two paths of faust-streaming 0.15.3, which the
-# worker closes (worker.app._deliver_fetched_records_in_order): records fetched for a
-# partition that is paused meanwhile, as during a table recovery, and records fetched while
-# the consumer seeks to the committed offsets after the recovery. Known: the embedded broker
-# under-reports end offsets (see devkit/broker.py), so wait_for_changelog_end below can stop
-# before the changelog's last record batch.
+# NOTE: faust-streaming 0.15.3 loses events of a restarted worker on two paths, which the
+# worker closes (worker.app._deliver_fetched_records_in_order). It drops records fetched for
+# a partition that is paused meanwhile, as during a table recovery. It also drops records
+# fetched while the consumer seeks to the committed offsets after the recovery. Known: the
+# embedded broker under-reports end offsets (see devkit/broker.py), so wait_for_changelog_end
+# below can stop before the changelog's last record batch.
 
 pytestmark = [
     pytest.mark.e2e,

@@ -11,7 +11,7 @@ the worker closes (worker.app._deliver_fetched_records_in_order): records of a p
 paused meanwhile, records fetched while the consumer seeks to the committed offsets, and
 records before the position of a kept partition that has no committed offset. Each of them
 made this test fail. The last check, committed offsets at the end offsets, catches offset
-bookkeeping that holds commits back, as records delivered out of order once did.
+bookkeeping that delays commits, as records delivered out of order do.
 """
 
 from __future__ import annotations

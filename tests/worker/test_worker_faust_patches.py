@@ -87,14 +87,14 @@ def test_repeated_resume_keeps_queue(monkeypatch):
         flow.resume()  # a table recovery starts
         queue.put_nowait("event fetched while the consumer seeks")
         flow.resume()  # the recovery completes
-        kept = queue.qsize()
+        kept_after_repeat = queue.qsize()
         flow.suspend()  # a rebalance: the seek after it fetches the queued events again
         flow.resume()
-        return kept, queue.qsize(), flow.is_active()
+        return kept_after_repeat, queue.qsize(), flow.is_active()
 
-    kept, after_suspension, active = asyncio.run(scenario())
+    kept_after_repeat, after_suspension, active = asyncio.run(scenario())
 
-    assert kept == 1
+    assert kept_after_repeat == 1
     assert after_suspension == 0
     assert active
 
